@@ -1,0 +1,1 @@
+"""tsdk_monai.handlers"""
