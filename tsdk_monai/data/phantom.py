@@ -59,7 +59,7 @@ def make_phantom(rng: np.random.Generator, size: int = 128, num_classes: int = 2
     if num_classes == 3:  # an inner structure (e.g. a ventricle-like region)
         iu, iv = u - rng.uniform(-0.2, 0.2), v - rng.uniform(-0.2, 0.2)
         inner = np.sqrt((iu / 0.45) ** 2 + (iv / 0.3) ** 2) <= 1.0
-        echo = np.where(inner, 0.06, echo)
+        echo = np.where(inner, 2.5, echo)
         label[inner & inside] = 2
     echo = np.where(rim, 5.0, echo)
     # midline echo inside the head

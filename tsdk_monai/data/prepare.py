@@ -88,7 +88,10 @@ def split_groups(
         if count == n_labeled:
             break
     if count != n_labeled:
-        raise TSDKInputError(f"cannot pick exactly n_labeled={n_labeled} cases from whole groups (got {count})")
+        raise TSDKInputError(
+            f"cannot pick exactly n_labeled={n_labeled} cases from whole groups (the closest is {count}); "
+            "choose another n_labeled or seed, or a finer group_pattern"
+        )
     unlabelled = [g for g in pool if g not in set(labelled)]
 
     def stems(gs: Sequence[str]) -> list[str]:
@@ -172,7 +175,7 @@ def prepare(
             (patient/exam); default: leading digits, so ``010_HC`` and ``010_2HC`` share group ``010``.
         num_classes: number of classes including background; default: the largest label value + 1.
         class_names: names of the classes, background first (a list or a comma-separated string).
-        name: data set name recorded in the datalist; default: the output folder's name.
+        name: data set name recorded in the datalist; default: the name of the folder holding IMAGES.
 
     Returns:
         The path of the written datalist.
@@ -200,7 +203,7 @@ def prepare(
         return e
 
     datalist: dict[str, Any] = {
-        "name": name or out_dir.absolute().name,
+        "name": name or images_dir.absolute().parent.name,
         "description": "made by tsdk prepare",
         "num_classes": n_cls,
         "labels": {str(i): c for i, c in enumerate(class_names)},
