@@ -1,1 +1,20 @@
-"""tsdk_monai.networks"""
+"""Networks: the VFM registry and encoders, the LoRA teacher (students and the diffusion UNet are added here)."""
+
+from tsdk_monai.networks.teacher import (
+    FINETUNE_MODES,
+    LoRASegTeacher,
+    PromptFreeMaskDecoder,
+    build_teacher,
+    count_parameters,
+    load_teacher,
+    log_trainable,
+    read_teacher_config,
+    save_teacher,
+)
+from tsdk_monai.networks.vfm import VFM_NAMES, VFMEncoder, build_vfm_encoder, load_vfm
+
+__all__ = [
+    "VFM_NAMES", "VFMEncoder", "build_vfm_encoder", "load_vfm",
+    "FINETUNE_MODES", "LoRASegTeacher", "PromptFreeMaskDecoder", "build_teacher", "count_parameters",
+    "load_teacher", "log_trainable", "read_teacher_config", "save_teacher",
+]

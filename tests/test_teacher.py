@@ -1,0 +1,216 @@
+"""The LoRA teacher (peft LoRA on the VFM encoder + prompt-free SAM decoder) and the tsdk_teacher bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_bundle, verify_metadata
+from tsdk_monai.handlers import latest_checkpoint
+from tsdk_monai.networks import (
+    LoRASegTeacher,
+    build_teacher,
+    count_parameters,
+    load_teacher,
+    read_teacher_config,
+    save_teacher,
+)
+from tsdk_monai.transforms import CheckLabeld, EnsureGreyd
+from tsdk_monai.utils import TSDKInputError
+
+SIZE = 64  # LiteMedSAM runs at any multiple of 64; its native 256 costs ~2 s per image on these CPUs
+
+
+def _train_steps(net: torch.nn.Module, steps: int = 3, lr: float = 1e-2) -> None:
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    y = (torch.rand(2, 1, SIZE, SIZE) > 0.5).float()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()
+        opt.step()
+    net.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA teacher before/after a few optimiser steps, and its saved artefacts."""
+    torch.manual_seed(0)
+    net = LoRASegTeacher(num_classes=3, img_size=SIZE, lora_rank=4)
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    _train_steps(net)
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    save_teacher(net, out)
+    return net, before, out
+
+
+def test_shapes_and_embedding():
+    net = LoRASegTeacher(num_classes=2, img_size=SIZE).eval()
+    x = torch.rand(2, 1, 50, 70)
+    with torch.no_grad():
+        logits, emb = net.forward_with_embedding(x)
+        assert torch.equal(net(x), logits)
+        assert torch.equal(net.embed(x), emb)
+    assert logits.shape == (2, 2, 50, 70)  # at the input size
+    assert emb.shape == (2, 256, SIZE // 4, SIZE // 4)
+    assert net.decode(emb).shape == (2, 2, SIZE, SIZE)
+
+
+def test_only_adapter_and_decoder_train(trained):
+    net, before, _ = trained
+    trainable, total = count_parameters(net)
+    print(f"\n{net.trainable_summary()}")
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("decoder.") for n in names)
+    lora_names = [n for n in names if "lora_" in n]
+    assert lora_names and all(".qkv." in n for n in lora_names)  # default target: attention qkv
+    assert 0 < trainable < total
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    base = [k for k in before if k.startswith("encoder.") and "lora_" not in k]
+    assert base and not any(k in changed for k in base), "LoRA training changed frozen base weights"
+    assert any("lora_B" in k for k in changed) and any(k.startswith("decoder.") for k in changed)
+
+
+def test_finetune_modes():
+    dec = LoRASegTeacher(num_classes=2, img_size=SIZE, finetune="decoder", pretrained=False)
+    assert not dec.has_adapter
+    assert all(n.startswith("decoder.") for n, p in dec.named_parameters() if p.requires_grad)
+    full = LoRASegTeacher(num_classes=2, img_size=SIZE, finetune="full", pretrained=False)
+    assert count_parameters(full)[0] == count_parameters(full)[1]
+    lora = LoRASegTeacher(num_classes=2, img_size=SIZE, target_modules=["qkv", "proj"], lora_rank=2, pretrained=False)
+    assert count_parameters(lora)[0] > count_parameters(dec)[0]
+    with pytest.raises(TSDKInputError, match="do not match"):
+        LoRASegTeacher(num_classes=2, img_size=SIZE, target_modules=["no_such_layer"], pretrained=False)
+    with pytest.raises(TSDKInputError, match="finetune"):
+        LoRASegTeacher(num_classes=2, finetune="half", pretrained=False)
+
+
+def test_adapter_round_trip_and_merged(trained):
+    net, _, out = trained
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "decoder.safetensors").is_file() and (out / "model.pt").is_file()
+    cfg = read_teacher_config(out)
+    assert cfg["finetune"] == "lora" and cfg["lora_rank"] == 4 and cfg["num_classes"] == 3
+    x = torch.rand(2, 1, 48, 56)
+    with torch.no_grad():
+        ref = net(x)
+        adapter = load_teacher(out, merged=False)
+        assert adapter.has_adapter and not adapter.training
+        torch.testing.assert_close(adapter(x), ref, rtol=0, atol=0)  # identical
+        merged = load_teacher(out, merged=True)
+        assert not merged.has_adapter
+        torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged.embed(x), net.embed(x), rtol=0, atol=1e-5)
+    # the merged file is a plain state dict that loads with weights_only=True into the plain architecture
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert not any("lora_" in k for k in state)
+    build_teacher(out, merged=True).load_state_dict(state, strict=True)
+
+
+def test_bad_teacher_files(tmp_path, trained):
+    _, _, out = trained
+    with pytest.raises(TSDKInputError, match="teacher.json: teacher config not found"):
+        load_teacher(tmp_path)
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TSDKInputError, match="adapter_model.safetensors: cannot read LoRA adapter"):
+        load_teacher(bad, merged=False)
+    (bad / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(TSDKInputError, match="model.pt: cannot read teacher weights"):
+        load_teacher(bad, merged=True)
+
+
+def test_transforms_and_latest_checkpoint(tmp_path):
+    from monai.data import MetaTensor
+
+    rgb = MetaTensor(torch.rand(3, 8, 6), meta={"filename_or_obj": "a.png"})
+    grey = EnsureGreyd("image")({"image": rgb})["image"]
+    assert grey.shape == (1, 8, 6)
+    torch.testing.assert_close(grey[0], 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+    assert EnsureGreyd("image")({"image": torch.ones(4, 2, 2)})["image"].shape == (1, 2, 2)
+    with pytest.raises(TSDKInputError, match="b.png: image has 5 channels"):
+        EnsureGreyd("image")({"image": MetaTensor(torch.rand(5, 2, 2), meta={"filename_or_obj": "b.png"})})
+    lab = MetaTensor(torch.tensor([[[0.0, 3.0]]]), meta={"filename_or_obj": "lab.png"})
+    with pytest.raises(TSDKInputError, match="lab.png: label value 3 is out of range"):
+        CheckLabeld("label", num_classes=2)({"label": lab, "image": torch.zeros(1, 1, 2)})
+    with pytest.raises(TSDKInputError, match="lab.png: label size"):
+        CheckLabeld("label", num_classes=4)({"label": lab, "image": torch.zeros(1, 2, 2)})
+    assert latest_checkpoint(tmp_path / "none") == ""
+    for n in (1, 2, 10):
+        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+# --------------------------------------------------------------------------------------------- the bundle
+def test_metadata(tmp_path):
+    verify_metadata("tsdk_teacher", tmp_path)
+
+
+def _common(demo_datalist: Path, work: Path) -> dict:
+    return {
+        "dataset_dir": str(demo_datalist.parent), "ckpt_dir": str(work / "models"), "output_dir": str(work / "eval"),
+    }
+
+
+@pytest.mark.slow
+def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
+    common = _common(demo_datalist, tmp_path)
+    train = dict(common, image_size=SIZE, batch_size=2, max_iterations=2, progress=False)
+    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, **{"train#trainer#max_epochs": 1}))
+    assert "trainable" in proc.stdout  # the trainable share is printed
+    teacher = tmp_path / "models" / "teacher"
+    for f in ("teacher.json", "model.pt", "decoder.safetensors", "adapter/adapter_model.safetensors"):
+        assert (teacher / f).is_file(), f
+    assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=1.pt")
+
+    # an interrupted/earlier run resumes from its checkpoint instead of starting over
+    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, **{"train#trainer#max_epochs": 2}))
+    log = proc.stdout + proc.stderr
+    assert "Restored all variables from" in log and "epoch=1.pt" in log
+    assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
+    assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=2.pt")
+
+    net = load_teacher(teacher)  # what the distillation stage does
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert net(x).shape == (1, 2, 64, 64)
+
+    run_bundle("tsdk_teacher", ["train.json", "evaluate.json"], common)
+    assert (tmp_path / "eval" / "metrics.csv").is_file()
+    dice = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
+    n_test = len(json.loads(demo_datalist.read_text())["test"])
+    assert len(dice) == n_test + 1  # header + one row per test case
+
+    out = tmp_path / "infer"
+    run_bundle("tsdk_teacher", ["inference.json"], dict(common, output_dir=str(out)))
+    segs = sorted(out.glob("*_seg.png"))
+    assert len(segs) == n_test
+    from PIL import Image
+
+    seg = np.array(Image.open(segs[0]))
+    assert seg.shape == (64, 64) and set(np.unique(seg)) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_bundle_multi_process_train(demo_datalist, tmp_path):
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "-m"]
+    overrides = dict(_common(demo_datalist, tmp_path), image_size=SIZE, batch_size=1, max_iterations=1, progress=False)
+    overrides["train#trainer#max_epochs"] = 1
+    run_bundle("tsdk_teacher", ["train.json", "multi_gpu_train.json"], overrides, launcher=launcher)
+    assert (tmp_path / "models" / "teacher" / "model.pt").is_file()
+    assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=1.pt")

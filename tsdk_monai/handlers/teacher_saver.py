@@ -1,0 +1,94 @@
+"""Handlers MONAI lacks: saving the LoRA teacher's artefacts, and finding the latest resume checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from ignite.engine import Engine, Events
+
+__all__ = ["TeacherSaver", "latest_checkpoint"]
+
+
+def latest_checkpoint(folder: str | os.PathLike, prefix: str = "") -> str:
+    """The newest ``{prefix}*epoch=N.pt`` / ``*iteration=N.pt`` checkpoint written by MONAI's ``CheckpointSaver``
+    in ``folder``, or ``""`` when there is none (a bundle then disables its ``CheckpointLoader``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ""
+    best: tuple[int, str] | None = None
+    for f in folder.iterdir():
+        m = re.fullmatch(re.escape(prefix) + r".*?(?:epoch|iteration)=(\d+)\.pt", f.name)
+        if m and f.is_file() and f.stat().st_size > 0:
+            n = int(m.group(1))
+            if best is None or n > best[0]:
+                best = (n, str(f))
+    return best[1] if best else ""
+
+
+class TeacherSaver:
+    """Save a :class:`~tsdk_monai.networks.LoRASegTeacher`'s artefacts with :func:`~tsdk_monai.networks.save_teacher`
+    (peft adapter in safetensors, decoder in safetensors, ``teacher.json``, merged ``model.pt``).
+
+    Attach it to the validation evaluator with ``save_on="best"``: it saves when the evaluator's key metric
+    improves; or to the trainer with ``save_on="final"``: it saves when training completes. Its best metric
+    is kept in ``state_dict()``, so put it in the resume checkpoint's ``save_dict`` and a resumed run does not
+    overwrite a better teacher with a worse one. Only rank 0 writes under ``torch.distributed``.
+
+    Args:
+        save_dir: the teacher folder (e.g. ``$@ckpt_dir + '/teacher'``).
+        network: the teacher (DDP-wrapped or not).
+        save_on: ``"best"`` or ``"final"``.
+        metric_name: the metric to compare; default the engine's key metric.
+    """
+
+    def __init__(self, save_dir: str, network: nn.Module, save_on: str = "best", metric_name: str | None = None) -> None:
+        if save_on not in ("best", "final"):
+            raise ValueError(f"save_on must be 'best' or 'final', got {save_on!r}")
+        self.save_dir = save_dir
+        self.network = network
+        self.save_on = save_on
+        self.metric_name = metric_name
+        self.best_metric = -float("inf")
+        self.best_epoch = -1
+        self.logger = logging.getLogger(__name__)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_metric": float(self.best_metric), "best_epoch": int(self.best_epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_metric = float(state.get("best_metric", -float("inf")))
+        self.best_epoch = int(state.get("best_epoch", -1))
+
+    def attach(self, engine: Engine) -> None:
+        if self.save_on == "best":
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        else:
+            engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise KeyError(f"TeacherSaver: metric {name!r} not found in the engine's metrics {list(engine.state.metrics)}")
+        value = float(engine.state.metrics[name])
+        if value > self.best_metric:
+            self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+            self.save(engine)
+
+    def save(self, engine: Engine | None = None) -> None:
+        import torch.distributed as dist
+
+        from tsdk_monai.networks.teacher import save_teacher
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        path = save_teacher(self.network, self.save_dir)
+        self.logger.info(
+            "saved teacher to %s%s", path,
+            f" (best {self.metric_name or 'key metric'} {self.best_metric:.4f} at epoch {self.best_epoch})"
+            if self.save_on == "best" else "",
+        )
