@@ -1,0 +1,284 @@
+"""The distillation trainer, the teacher cache, the transfer set and the tsdk_distill bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, EnsureTyped, LoadImaged, RandFlipd, ScaleIntensityRanged
+
+from helpers import run_bundle, verify_metadata
+from tsdk_monai.engines.distill import (
+    DistillationTrainer,
+    TeacherCache,
+    TeacherTargets,
+    build_transfer_set,
+    resolve_teacher_dir,
+)
+from tsdk_monai.losses import TaskAgnosticKDLoss, TaskSpecificKDLoss
+from tsdk_monai.networks.students import build_student, load_student_weights
+from tsdk_monai.utils import TSDKInputError
+
+torch.set_num_threads(2)
+BUNDLE = "tsdk_distill"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A real (untrained-decoder) LiteMedSAM LoRA teacher at 64x64, the cheapest real teacher."""
+    from tsdk_monai.networks.teacher import LoRASegTeacher
+
+    torch.manual_seed(0)
+    return LoRASegTeacher(num_classes=2, img_size=64).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, teacher):
+    """A teacher stage's ckpt_dir, written by the teacher module's own save function."""
+    from tsdk_monai.networks.teacher import save_teacher
+
+    ckpt_dir = tmp_path_factory.mktemp("teacher") / "models"
+    save_teacher(teacher, ckpt_dir / "teacher")
+    return ckpt_dir
+
+
+def _loader(datalist: Path, n: int = 4) -> DataLoader:
+    items = build_transfer_set(datalist, use_unlabeled=False)[:n]
+    tf = Compose([
+        LoadImaged("image", image_only=True, ensure_channel_first=True),
+        ScaleIntensityRanged("image", a_min=0, a_max=255, b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped("image", dtype=torch.float32),
+    ])
+    return DataLoader(Dataset(items, tf), batch_size=2, shuffle=False, num_workers=0)
+
+
+def _train(datalist, teacher, cache, epochs=2, kind="task_specific"):
+    torch.manual_seed(0)
+    student = build_student("unet_small", num_classes=2, img_size=64)
+    if kind == "task_specific":
+        loss = TaskSpecificKDLoss(student.feature_channels, 256)
+    else:
+        loss = TaskAgnosticKDLoss(student.feature_channels, 256)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
+    trainer = DistillationTrainer(
+        device="cpu", max_epochs=epochs, train_data_loader=_loader(datalist), network=student, teacher=teacher,
+        optimizer=opt, loss_function=loss, teacher_cache=cache,
+    )
+    losses, calls = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    hook = getattr(teacher, "encoder", teacher).register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        trainer.run()
+    finally:
+        hook.remove()
+    return losses, calls, student, loss
+
+
+def test_cached_and_online_teacher_give_the_same_loss(demo_datalist, teacher, tmp_path):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    online, online_calls, student, _ = _train(demo_datalist, teacher, None)
+    memory_cache = TeacherCache("memory", tag="t")
+    memory, memory_calls, _, _ = _train(demo_datalist, teacher, memory_cache)
+    disk_cache = TeacherCache("disk", cache_dir=tmp_path / "cache", tag="t")
+    disk, disk_calls, _, _ = _train(demo_datalist, teacher, disk_cache)
+    assert len(online) == 4  # 2 epochs x 2 batches
+    assert memory == pytest.approx(online, rel=1e-5, abs=1e-6)
+    assert disk == pytest.approx(online, rel=1e-5, abs=1e-6)
+    # the teacher ran on every batch online, once per image with a cache
+    assert sum(online_calls) == 8 and sum(memory_calls) == 4 and sum(disk_calls) == 4
+    assert memory_cache.hits == 4 and memory_cache.misses == 4 and len(memory_cache) == 4
+    assert len(disk_cache) == 4
+    for f in (tmp_path / "cache").glob("*.pt"):  # disk entries load safely
+        assert set(torch.load(f, weights_only=True)) == {"teacher_logits", "teacher_features"}
+    # a fresh disk cache with the same tag reuses the files: no teacher call at all
+    again = TeacherCache("disk", cache_dir=tmp_path / "cache", tag="t")
+    _, again_calls, _, _ = _train(demo_datalist, teacher, again, epochs=1)
+    assert sum(again_calls) == 0 and again.hits == 4
+    # the teacher never changed; the student did
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fresh = build_student("unet_small", num_classes=2, img_size=64)
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_task_agnostic_trainer_uses_the_frozen_vfm_encoder(demo_datalist):
+    from tsdk_monai.networks.vfm import build_vfm_encoder
+
+    encoder = build_vfm_encoder("litemedsam", img_size=64)
+    losses, calls, _, loss = _train(demo_datalist, encoder, TeacherCache("memory"), epochs=1, kind="task_agnostic")
+    assert len(losses) == 2 and all(v > 0 for v in losses)
+    assert set(loss.last_terms) == {"kd_feat"}
+
+
+def test_cache_needs_image_ids(teacher):
+    trainer_like = DistillationTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[{"image": torch.rand(1, 1, 64, 64)}],
+        network=build_student("unet_small", img_size=64), teacher=teacher,
+        optimizer=torch.optim.SGD(build_student("unet_small").parameters(), lr=0.1),
+        loss_function=TaskSpecificKDLoss(256, 256), teacher_cache=TeacherCache("memory"),
+    )
+    with pytest.raises(TSDKInputError, match="identifier"):
+        trainer_like.get_teacher_targets(torch.rand(1, 1, 64, 64), None)
+    with pytest.raises(ValueError, match="cache mode"):
+        TeacherCache("gpu")
+
+
+def test_joint_augmentation_keeps_targets_aligned(teacher):
+    aug = RandFlipd(keys=["image", "teacher_logits", "teacher_features"], prob=1.0, spatial_axis=1,
+                    allow_missing_keys=True)
+    trainer = DistillationTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[], network=build_student("unet_small", img_size=64),
+        teacher=teacher, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
+        loss_function=TaskSpecificKDLoss(256, 256), augment=aug,
+    )
+    x = torch.rand(2, 1, 64, 64)
+    targets = trainer.get_teacher_targets(x, None)
+    x_aug, t_aug = trainer._augment(x, targets)
+    torch.testing.assert_close(x_aug, x.flip(-1))
+    torch.testing.assert_close(t_aug["teacher_logits"], targets["teacher_logits"].flip(-1))
+    torch.testing.assert_close(t_aug["teacher_features"], targets["teacher_features"].flip(-1))
+
+
+def test_teacher_targets_adapter():
+    """Teachers returning a tensor, a dict or a tuple, or exposing forward_with_features, all work."""
+
+    class DictTeacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = build_student("unet_small", img_size=32)
+
+        def forward(self, x):
+            logits, feats = self.net.forward_with_features(x)
+            return {"logits": logits, "embedding": feats}
+
+    x = torch.rand(1, 1, 32, 32)
+    targets = TeacherTargets()
+    student_teacher = build_student("unet_small", img_size=32).eval()
+    ref_logits, ref_feats = student_teacher.forward_with_features(x)
+    out = targets(student_teacher, x, True, True)
+    torch.testing.assert_close(out["teacher_logits"], ref_logits)
+    torch.testing.assert_close(out["teacher_features"], ref_feats)
+    assert set(targets(student_teacher, x, True, False)) == {"teacher_logits"}
+    d = DictTeacher().eval()
+    out = targets(d, x, True, True)
+    assert out["teacher_logits"].shape == (1, 2, 32, 32) and out["teacher_features"].shape == (1, 256, 2, 2)
+    with pytest.raises(TSDKInputError, match="input size"):  # logits must come at the input size
+        targets(torch.nn.Conv2d(1, 4, 3, stride=2), x, True, False)
+    with pytest.raises(TSDKInputError, match="no features"):  # a bare segmentation net has no embedding
+        targets(torch.nn.Conv2d(1, 4, 3, padding=1), x, True, True)
+
+
+def test_transfer_set_parts(demo_datalist, tmp_path):
+    data = json.loads(Path(demo_datalist).read_text())
+    n_unl, n_lab = len(data["unlabeled"]), len(data["training"])
+    everything = build_transfer_set(demo_datalist)
+    assert len(everything) == n_unl + n_lab
+    assert {i["source"] for i in everything} == {"unlabeled", "training"}
+    assert all("label" not in i for i in everything)  # pixels only
+    val_test = {Path(demo_datalist).parent / c["image"] for c in data["validation"] + data["test"]}
+    assert not val_test & {Path(i["image"]) for i in everything}
+    assert len(build_transfer_set(demo_datalist, use_unlabeled="false")) == n_lab
+    assert len(build_transfer_set(demo_datalist, use_labeled=False)) == n_unl
+    # synthetic images from the synthesis stage's datalist
+    syn_dir = tmp_path / "synthetic"
+    (syn_dir / "images").mkdir(parents=True)
+    for i, case in enumerate(data["unlabeled"][:3]):
+        shutil.copy(Path(demo_datalist).parent / case["image"], syn_dir / "images" / f"syn_{i}.png")
+    syn = syn_dir / "synthetic_datalist.json"
+    syn.write_text(json.dumps({"unlabeled": [{"image": f"images/syn_{i}.png"} for i in range(3)]}))
+    with_syn = build_transfer_set(demo_datalist, synthetic_datalist=str(syn))
+    assert len(with_syn) == n_unl + n_lab + 3
+    assert sum(i["source"] == "synthetic" for i in with_syn) == 3
+    assert len(build_transfer_set(demo_datalist, synthetic_datalist=str(syn), use_synthetic=False)) == n_unl + n_lab
+    with pytest.raises(TSDKInputError, match="missing_syn.json"):
+        build_transfer_set(demo_datalist, synthetic_datalist=str(tmp_path / "missing_syn.json"))
+    with pytest.raises(TSDKInputError, match="transfer set is empty"):
+        build_transfer_set(demo_datalist, use_unlabeled=False, use_labeled=False)
+
+
+def test_resolve_teacher_dir(teacher_ckpt, tmp_path):
+    folder = teacher_ckpt / "teacher"
+    assert resolve_teacher_dir(teacher_ckpt) == folder
+    assert resolve_teacher_dir(folder) == folder
+    assert resolve_teacher_dir(folder / "model.pt") == folder
+    with pytest.raises(TSDKInputError, match="not found"):
+        resolve_teacher_dir(tmp_path / "nothing")
+    with pytest.raises(TSDKInputError, match="teacher.json"):
+        resolve_teacher_dir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- the bundle
+def _overrides(demo_datalist, out: Path, **extra):
+    o = {
+        "dataset_dir": str(Path(demo_datalist).parent),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "eval"),
+        "img_size": 64,
+        "train#batch_size": 2,
+        "train#trainer#max_epochs": 1,
+        "use_unlabeled": False,  # the 6 labelled-pool images: 3 iterations
+    }
+    o.update(extra)
+    return o
+
+
+def _check_student(out: Path, name: str):
+    path = out / "models" / "student_distilled.pt"
+    state = torch.load(path, weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    net = load_student_weights(build_student(name, num_classes=2, img_size=64), path)
+    assert net(torch.rand(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_metadata(tmp_path):
+    verify_metadata(BUNDLE, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["vit_tiny", "unet_small"])
+def test_bundle_task_specific(demo_datalist, teacher_ckpt, tmp_path, student):
+    out = tmp_path / student
+    extra = {"student": student, "teacher_ckpt": str(teacher_ckpt)}
+    if student == "unet_small":  # also the disk cache and a synthetic part of the transfer set
+        syn_dir = tmp_path / "synthetic"
+        (syn_dir / "images").mkdir(parents=True)
+        data = json.loads(Path(demo_datalist).read_text())
+        shutil.copy(Path(demo_datalist).parent / data["unlabeled"][0]["image"], syn_dir / "images" / "syn_0.png")
+        (syn_dir / "synthetic_datalist.json").write_text(json.dumps({"unlabeled": [{"image": "images/syn_0.png"}]}))
+        extra.update(teacher_cache_mode="disk", synthetic_datalist=str(syn_dir / "synthetic_datalist.json"))
+    proc = run_bundle(BUNDLE, ["train.json"], _overrides(demo_datalist, out, **extra))
+    _check_student(out, student)
+    log = proc.stdout + proc.stderr
+    if student == "unet_small":
+        assert "synthetic 1" in log and len(list((out / "eval" / "teacher_cache").glob("*.pt"))) == 7
+        return
+    run_bundle(BUNDLE, ["train.json", "evaluate.json"], _overrides(demo_datalist, out, **extra))
+    metrics = (out / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in metrics and "teacher_agreement" in metrics
+
+
+@pytest.mark.slow
+def test_bundle_task_agnostic(demo_datalist, tmp_path):
+    out = tmp_path / "agnostic"
+    o = _overrides(demo_datalist, out, student="unet_small", vfm_img_size=64)
+    run_bundle(BUNDLE, ["train.json", "task_agnostic.json"], o)
+    _check_student(out, "unet_small")
+    run_bundle(BUNDLE, ["train.json", "task_agnostic.json", "evaluate.json"], o)
+    metrics = (out / "eval" / "metrics.csv").read_text()
+    assert "val_mean_dice" in metrics and "teacher_agreement" not in metrics
+
+
+@pytest.mark.slow
+def test_bundle_multi_gpu_train(demo_datalist, teacher_ckpt, tmp_path):
+    """torchrun with 2 processes, gloo on the CPU; the KD loss (with its projection) is DDP-wrapped too."""
+    out = tmp_path / "ddp"
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29581", "-m"]
+    o = _overrides(demo_datalist, out, student="unet_small", teacher_ckpt=str(teacher_ckpt / "teacher" / "model.pt"))
+    run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"], o, launcher=launcher)
+    _check_student(out, "unet_small")
