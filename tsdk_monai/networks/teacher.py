@@ -194,8 +194,9 @@ class LoRASegTeacher(nn.Module):
         targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]
         parts = load_vfm(vfm, checkpoint=checkpoint, img_size=img_size, arch=arch, pretrained=pretrained)
         self.config: dict[str, Any] = {
-            "num_classes": int(num_classes), "vfm": vfm, "checkpoint": parts.checkpoint if pretrained else (
-                None if checkpoint is None else str(checkpoint)),
+            # None = the VFM's default (LiteMedSAM's packaged checkpoint, verified again on every load)
+            "num_classes": int(num_classes), "vfm": vfm,
+            "checkpoint": None if checkpoint is None else str(Path(checkpoint).absolute()),
             "img_size": parts.encoder.img_size, "finetune": finetune, "lora_rank": int(lora_rank),
             "lora_alpha": float(lora_alpha if lora_alpha is not None else lora_rank),
             "lora_dropout": float(lora_dropout), "target_modules": targets, "default_prompt": default_prompt,
