@@ -214,3 +214,36 @@ def test_bundle_multi_process_train(demo_datalist, tmp_path):
     run_bundle("tsdk_teacher", ["train.json", "multi_gpu_train.json"], overrides, launcher=launcher)
     assert (tmp_path / "models" / "teacher" / "model.pt").is_file()
     assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=1.pt")
+
+
+def test_full_finetune_save_load(tmp_path):
+    torch.manual_seed(0)
+    net = LoRASegTeacher(num_classes=2, img_size=SIZE, finetune="full")
+    _train_steps(net, steps=1, lr=1e-3)
+    save_teacher(net, tmp_path / "full")
+    assert (tmp_path / "full" / "encoder.safetensors").is_file() and not (tmp_path / "full" / "adapter").exists()
+    x = torch.rand(1, 1, SIZE, SIZE)
+    with torch.no_grad():
+        ref = net(x)
+        for merged in (True, False):
+            torch.testing.assert_close(load_teacher(tmp_path / "full", merged=merged)(x), ref, rtol=0, atol=0)
+
+
+def test_sam_vit_teacher_with_lora(tmp_path):
+    """A SAM ViT teacher (tiny random official-layout checkpoint): LoRA lands on timm's qkv, artefacts round-trip."""
+    from tsdk_monai.networks.vfm import load_vfm, sam_layout_state_dict
+
+    arch = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1], window_size=7)
+    ckpt = tmp_path / "sam_tiny.pth"
+    torch.save(sam_layout_state_dict(load_vfm("sam_vit_b", pretrained=False, img_size=1024, arch=arch)), ckpt)
+    net = LoRASegTeacher(num_classes=2, vfm="sam_vit_b", checkpoint=ckpt, img_size=64, arch=arch)
+    lora = [n for n, p in net.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(lora) == 4 and all(".attn.qkv." in n for n in lora)  # 2 blocks x (A, B)
+    _train_steps(net, steps=1)
+    save_teacher(net, tmp_path / "t")
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        logits, emb = net.forward_with_embedding(x)
+        assert logits.shape == (2, 2, 40, 40) and emb.shape == (2, 256, 4, 4)
+        torch.testing.assert_close(load_teacher(tmp_path / "t", merged=False)(x), logits, rtol=0, atol=0)
+        torch.testing.assert_close(load_teacher(tmp_path / "t", merged=True)(x), logits, rtol=0, atol=1e-5)
