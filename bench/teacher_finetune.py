@@ -98,6 +98,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     net = LoRASegTeacher(
         num_classes=num_classes, img_size=args.img_size, finetune=args.worker, lora_rank=args.lora_rank,
+        default_prompt=args.default_prompt,
     ).to(device)
     trainable, total = count_parameters(net)
     enc = [p for n, p in net.named_parameters() if p.requires_grad and n.startswith("encoder.")]
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--full-encoder-lr-scale", type=float, default=0.1, help="encoder lr factor for full fine-tuning")
     p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--default-prompt", choices=("box", "none"), default="box", help="decoder's learned default prompt init")
     p.add_argument("--n-labeled", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", m, "--datalist", str(datalist)]
         for k in ("minutes", "max_iters", "batch_size", "img_size", "val_cases", "lr", "full_encoder_lr_scale",
-                  "lora_rank", "seed", "threads", "device", "log_every"):
+                  "lora_rank", "default_prompt", "seed", "threads", "device", "log_every"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

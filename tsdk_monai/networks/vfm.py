@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ __all__ = [
     "load_sam_state_dict",
     "load_vfm",
     "build_vfm_encoder",
+    "vfm_spec",
+    "sam_layout_state_dict",
 ]
 
 LITEMEDSAM_SIZE = 39_370_479
@@ -410,5 +412,3 @@ def sam_layout_state_dict(components: VFMComponents) -> dict[str, torch.Tensor]:
     out.update({"mask_decoder." + k: v for k, v in components.mask_decoder.state_dict().items()})
     return out
 
-
-__all__ += ["vfm_spec", "sam_layout_state_dict"]
