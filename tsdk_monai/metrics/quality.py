@@ -103,6 +103,7 @@ def frechet_distance(real_features: torch.Tensor, synthetic_features: torch.Tens
         raise ValueError("the Fréchet distance needs at least 2 images in each set")
     with warnings.catch_warnings():  # fewer images than features: singular covariances are expected, not an error
         warnings.simplefilter("ignore", category=scipy.linalg.LinAlgWarning)
+        warnings.filterwarnings("ignore", message=".*disp.*deprecated", category=DeprecationWarning)  # MONAI's sqrtm call
         value = float(FIDMetric()(synthetic_features.double(), real_features.double()))
     return max(value, 0.0)
 
