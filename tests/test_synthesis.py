@@ -270,3 +270,25 @@ def test_bundle_multi_gpu_train(demo_datalist, tmp_path, monkeypatch):
                launcher=launcher, timeout=300)
     assert (tmp_path / "models" / "model.pt").is_file()
     assert latest_checkpoint(tmp_path / "models").endswith("checkpoint_epoch=2.pt")
+
+
+def test_preprocessing_and_image_errors(tmp_path):
+    """The bundle's preprocessing (from train.json) and load_images turn RGB PNGs into one grey channel; bad files
+    give an error naming them."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+    from PIL import Image
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / BUNDLE / "configs" / "train.json"))
+    parser["image_size"] = 32
+    out = Compose(parser.get_parsed_content("preprocessing"))({"image": str(tmp_path / "rgb.png")})["image"]
+    assert out.shape == (1, 32, 32) and float(out.min()) >= -1 and float(out.max()) <= 1
+    imgs = load_images([tmp_path / "rgb.png"], 16, progress=False)
+    assert imgs.shape == (1, 1, 16, 16) and torch.allclose(imgs, torch.full_like(imgs, 0.299 * 255 / 255), atol=1e-3)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(TSDKInputError, match="broken.png"):
+        load_images([tmp_path / "broken.png"], 16, progress=False)

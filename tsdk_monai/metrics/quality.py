@@ -45,21 +45,26 @@ def load_images(
 ) -> torch.Tensor:
     """Read images with MONAI's ``LoadImage`` and bring them to ``(N, 1, S, S)`` in ``[0, 1]``.
 
-    Multi-channel images are averaged to grey; intensities are mapped from ``intensity_range`` to ``[0, 1]`` and
-    clipped; images are resized to ``S = image_size`` with area interpolation (the diffusion model's input size).
+    RGB(A) images are converted to grey (``tsdk_monai.transforms.EnsureGrey``); intensities are mapped from
+    ``intensity_range`` to ``[0, 1]`` and clipped; images are resized to ``S = image_size`` with area interpolation
+    (the diffusion model's input size).
 
     Raises:
         TSDKInputError: a file is missing or unreadable (naming it).
     """
     from tsdk_monai.data import read_array
+    from tsdk_monai.transforms import EnsureGrey
 
     lo, hi = float(intensity_range[0]), float(intensity_range[1])
+    grey = EnsureGrey()
     out = []
     for p in tqdm(paths, desc="reading images", unit="img", disable=not progress, leave=False):
         arr = read_array(p, "image")
         if arr.ndim != 3:
             raise TSDKInputError(f"{p}: expected a 2D image, got spatial shape {arr.shape[1:]}")
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float32)).mean(0, keepdim=True)[None]
+        if arr.shape[0] not in (1, 2, 3, 4):
+            raise TSDKInputError(f"{p}: image has {arr.shape[0]} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+        t = torch.as_tensor(np.asarray(grey(arr), dtype=np.float32))[None]
         t = F.interpolate(t, size=(image_size, image_size), mode="area") if t.shape[-2:] != (image_size, image_size) else t
         out.append(((t - lo) / (hi - lo)).clamp(0, 1))
     if not out:
