@@ -103,7 +103,6 @@ class DiffusionTrainer(SupervisedTrainer):
             prepare_batch = VPredictionPrepareBatch(scheduler=scheduler, num_train_timesteps=num_train_timesteps)
         else:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
-        self.scheduler = scheduler
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -115,6 +114,7 @@ class DiffusionTrainer(SupervisedTrainer):
             inferer=inferer if inferer is not None else DiffusersInferer(scheduler),
             **kwargs,
         )
+        self.noise_scheduler = scheduler
 
 
 def diffusion_training_cases(
