@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--img-size", type=int, default=256, help="LiteMedSAM input size (native 256)")
     p.add_argument("--val-cases", type=int, default=40, help="validation images (at their original resolution)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--full-encoder-lr-scale", type=float, default=0.1, help="encoder lr factor for full fine-tuning")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--default-prompt", choices=("box", "none"), default="box", help="decoder's learned default prompt init")
