@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -269,6 +270,12 @@ def test_bundle_task_agnostic(demo_datalist, tmp_path):
     o = _overrides(demo_datalist, out, student="unet_small", vfm_img_size=64)
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json"], o)
     _check_student(out, "unet_small")
+    assert (out / "models" / "distill" / "checkpoint_epoch=1.pt").is_file()
+    # an interrupted or extended run resumes from its last checkpoint instead of starting over
+    proc = run_bundle(BUNDLE, ["train.json", "task_agnostic.json"], {**o, "train#trainer#max_epochs": 2})
+    log = proc.stdout + proc.stderr
+    assert "DistillationTrainer - INFO - Epoch[2] Complete" in log
+    assert "DistillationTrainer - INFO - Epoch[1] Complete" not in log
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json", "evaluate.json"], o)
     metrics = (out / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in metrics and "teacher_agreement" not in metrics
@@ -278,7 +285,11 @@ def test_bundle_task_agnostic(demo_datalist, tmp_path):
 def test_bundle_multi_gpu_train(demo_datalist, teacher_ckpt, tmp_path):
     """torchrun with 2 processes, gloo on the CPU; the KD loss (with its projection) is DDP-wrapped too."""
     out = tmp_path / "ddp"
-    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master_port=29581", "-m"]
+    with socket.socket() as s:  # a free port: other tests may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m"]
     o = _overrides(demo_datalist, out, student="unet_small", teacher_ckpt=str(teacher_ckpt / "teacher" / "model.pt"))
-    run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"], o, launcher=launcher)
+    run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"], o, launcher=launcher, timeout=400)
+    assert (out / "models" / "distill" / "checkpoint_epoch=1.pt").is_file()
     _check_student(out, "unet_small")
