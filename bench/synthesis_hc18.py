@@ -73,7 +73,7 @@ def _subset(data: Path, work: Path, limit: int) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HC18 folder with images/ and labels/")
-    ap.add_argument("--work", type=Path, default=REPO / "bench_out" / "synthesis_hc18")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "synthesis_hc18")
     ap.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget")
     ap.add_argument("--image-size", type=int, default=128)
     # sized for 2 CPU cores: ~2.7M parameters, ~2 s per batch of 8 at 128x128 on a quiet machine (~1,800
