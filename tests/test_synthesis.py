@@ -263,8 +263,13 @@ def test_bundle_train_resume_sample(demo_datalist, tmp_path):
 @pytest.mark.slow
 def test_bundle_multi_gpu_train(demo_datalist, tmp_path, monkeypatch):
     """multi_gpu_train.json under torchrun with 2 processes (gloo on CPU)."""
+    import socket
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
+    with socket.socket() as s:  # a free port: other tests may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m"]
     run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"],
                {**_overrides(demo_datalist, tmp_path), "train#trainer#max_epochs": 2, "train#batch_size": 4},
                launcher=launcher, timeout=300)
