@@ -97,7 +97,8 @@ class TeacherTargets:
     def __call__(self, teacher: nn.Module, x: torch.Tensor, need_logits: bool, need_features: bool) -> dict[str, torch.Tensor]:
         if not (need_logits or need_features):
             raise ValueError("the loss needs neither teacher logits nor teacher features")
-        teacher.eval()
+        if teacher.training:  # (re-entering eval mode makes TinyViT recompute its cached attention biases)
+            teacher.eval()
         inner = unwrap_module(teacher)
         logits = feats = None
         if need_features and need_logits and hasattr(inner, "forward_with_embedding"):
