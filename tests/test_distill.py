@@ -261,7 +261,7 @@ def test_bundle_task_specific(demo_datalist, teacher_ckpt, tmp_path, student):
         return
     run_bundle(BUNDLE, ["train.json", "evaluate.json"], _overrides(demo_datalist, out, **extra))
     metrics = (out / "eval" / "metrics.csv").read_text()
-    assert "val_mean_dice" in metrics and "teacher_agreement" in metrics
+    assert "val_mean_dice" in metrics and "teacher_agreement" in metrics and "teacher_val_mean_dice" in metrics
 
 
 @pytest.mark.slow
