@@ -38,7 +38,10 @@ def verify_metadata(bundle: str | Path, tmp_path: Path) -> None:
 
 
 def _arg(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    """A command-line value for ``monai.bundle`` (fire parses Python literals: ``False``, not JSON's ``false``)."""
+    from tsdk_monai.pipeline import bundle_arg
+
+    return bundle_arg(value)
 
 
 def run_bundle(

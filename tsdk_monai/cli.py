@@ -4,8 +4,11 @@
         write the embedded ultrasound-like demo phantoms and their datalist to OUT
     tsdk prepare IMAGES LABELS OUT [--n_labeled 80] [--seed 0] [--test_fraction 0.2] [--val_fraction 0.1]
         check an images/labels folder pair and write OUT/datalist.json with a grouped, seeded split
-    tsdk demo [--workdir tsdk_demo]
-        run what the pipeline has today on the demo data and say what was done
+    tsdk demo [--workdir tsdk_demo] [--methods teacher,scratch,task_agnostic_kd,tskd]
+        run the teacher, synthesis, distillation and student bundles on the demo data; print the comparison table
+
+    tsdk run --datalist D/datalist.json --workdir W [--methods teacher,scratch,task_agnostic_kd,tskd_no_synth,tskd]
+        run the stage bundles of each method on real data and print the comparison table
 
 Run ``tsdk COMMAND --help`` for every option. Bad input stops with one line naming the file and the problem.
 """
@@ -16,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main", "demo_data", "prepare", "demo"]
+__all__ = ["main", "demo_data", "prepare", "demo", "run"]
 
 
 def demo_data(
@@ -73,20 +76,60 @@ def prepare(
     )
 
 
-def demo(workdir: str = "tsdk_demo") -> None:
-    """Run the pipeline stages that exist today on the embedded demo data, and say what was done.
+def demo(workdir: str = "tsdk_demo", methods: str = "teacher,scratch,task_agnostic_kd,tskd") -> None:
+    """Run the whole TS-KD pipeline and its baselines on the embedded demo data; print the comparison table.
 
     Args:
-        workdir: folder for the demo data and every stage's output.
+        workdir: folder for the demo data, every stage's output and logs (a re-run skips finished stages).
+        methods: comma-separated methods among teacher, scratch, task_agnostic_kd, tskd_no_synth, tskd.
     """
-    from tsdk_monai.data import load_datalist, write_demo_data
+    from tsdk_monai.pipeline import run_demo
 
-    wd = Path(workdir)
-    datalist = write_demo_data(wd / "data")
-    splits = load_datalist(datalist)
-    counts = ", ".join(f"{k} {len(splits[k])}" for k in ("training", "validation", "unlabeled", "test"))
-    print(f"demo data: {datalist} ({counts})")
-    print("stages run: data only; the teacher, synthesis, distillation and student bundles are not built yet.")
+    run_demo(Path(workdir), [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else list(methods))
+
+
+def run(
+    datalist: str,
+    workdir: str,
+    methods: str = "teacher,scratch,task_agnostic_kd,tskd_no_synth,tskd",
+    student: str = "unet_small",
+    student_size: int = 256,
+    teacher_size: int = 256,
+    teacher_epochs: int = 20,
+    synth_size: int = 128,
+    synth_epochs: int = 100,
+    synth_images: int = 500,
+    fid_real_images: int = 256,
+    distill_epochs: int = 50,
+    student_epochs: int = 100,
+    batch_size: int = 8,
+) -> None:
+    """Run the stage bundles of each method on DATALIST in WORKDIR; print the comparison table (results.md).
+
+    Finished stages (outputs present, same command) are skipped; interrupted ones resume from their checkpoints.
+    Each stage's exact `python -m monai.bundle run` command and log are in WORKDIR/logs.
+
+    Args:
+        datalist: a datalist made by `tsdk prepare`.
+        workdir: output folder of every stage.
+        methods: comma-separated among teacher, scratch, task_agnostic_kd, tskd_no_synth, tskd.
+        student: unet_small or vit_tiny.
+        student_size: image side the student is trained at.
+        teacher_size: image side the VFM teacher runs at (a multiple of 64 for LiteMedSAM).
+        teacher_epochs, synth_epochs, distill_epochs, student_epochs: schedule lengths.
+        synth_size: image side of the diffusion model.
+        synth_images: number of synthetic images sampled.
+        fid_real_images: real images in the synthetic images' Frechet distance.
+        batch_size: student batch size.
+    """
+    from tsdk_monai.pipeline import DemoSizes, run_methods
+
+    sizes = DemoSizes(student=student, student_size=student_size, teacher_size=teacher_size,
+                      teacher_epochs=teacher_epochs, synth_size=synth_size, synth_epochs=synth_epochs,
+                      synth_images=synth_images, fid_real_images=fid_real_images, distill_epochs=distill_epochs, student_epochs=student_epochs,
+                      batch_size=batch_size)
+    ms = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    print(run_methods(Path(datalist), Path(workdir), ms, sizes))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        fire.Fire({"demo-data": demo_data, "prepare": prepare, "demo": demo}, command=argv, name="tsdk")
+        fire.Fire({"demo-data": demo_data, "prepare": prepare, "demo": demo, "run": run}, command=argv, name="tsdk")
     except TSDKInputError as exc:
         print(f"tsdk: error: {exc}", file=sys.stderr)
         sys.exit(2)

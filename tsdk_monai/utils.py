@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TSDKInputError", "atomic_write_bytes", "atomic_write_json", "atomic_copy", "dumps_json", "latest_checkpoint"]
+__all__ = ["TSDKInputError", "atomic_write_bytes", "atomic_write_json", "atomic_copy", "dumps_json"]
 
 
 class TSDKInputError(ValueError):
@@ -63,17 +63,3 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise
     return dst
 
-
-def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
-    """The newest ``<prefix>*.pt`` in ``folder`` (by the number in its name, then mtime), or None: what to resume from."""
-    import re
-
-    files = sorted(Path(folder).glob(f"{prefix}*.pt")) if Path(folder).is_dir() else []
-    if not files:
-        return None
-
-    def key(p: Path) -> tuple[int, float]:
-        nums = re.findall(r"\d+", p.stem)
-        return (int(nums[-1]) if nums else -1, p.stat().st_mtime)
-
-    return str(max(files, key=key))
