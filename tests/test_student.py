@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BUNDLES, run_bundle, verify_metadata
+from helpers import run_bundle, verify_metadata
 
 BUNDLE = "tsdk_student"
 pytestmark = pytest.mark.slow

@@ -14,12 +14,12 @@ from ignite.engine import Events
 
 from helpers import run_bundle, verify_metadata
 from tsdk_monai.data import load_split, read_array
+from tsdk_monai.handlers import latest_checkpoint
 from tsdk_monai.engines import (
     SYNTHETIC_DATALIST,
     DiffusionSampler,
     DiffusionTrainer,
     diffusion_training_cases,
-    latest_checkpoint,
     load_weights,
     sample_images,
 )
@@ -214,7 +214,7 @@ def test_load_weights_errors(tmp_path):
         load_weights(net, tmp_path / "m.pt")
     torch.save({"model": net.state_dict()}, tmp_path / "ok.pt")
     assert load_weights(tiny_unet(1), tmp_path / "ok.pt") == "model"
-    assert latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path, "checkpoint") == ""
 
 
 def test_metadata(tmp_path):
@@ -240,10 +240,10 @@ def test_bundle_train_resume_sample(demo_datalist, tmp_path):
     ov = _overrides(demo_datalist, tmp_path)
     run_bundle(BUNDLE, ["train.json"], {**ov, "train#trainer#max_epochs": 2})
     models = tmp_path / "models"
-    assert (models / "model.pt").is_file() and latest_checkpoint(models).endswith("checkpoint_epoch=2.pt")
+    assert (models / "model.pt").is_file() and latest_checkpoint(models, "checkpoint").endswith("checkpoint_epoch=2.pt")
     proc = run_bundle(BUNDLE, ["train.json"], {**ov, "train#trainer#max_epochs": 3})
     assert "Restored all variables" in proc.stdout + proc.stderr
-    assert latest_checkpoint(models).endswith("checkpoint_epoch=3.pt")
+    assert latest_checkpoint(models, "checkpoint").endswith("checkpoint_epoch=3.pt")
     ckpt = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert {"model", "ema", "optimizer", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 3 * ckpt["trainer"]["epoch_length"]
 
@@ -274,7 +274,7 @@ def test_bundle_multi_gpu_train(demo_datalist, tmp_path, monkeypatch):
                {**_overrides(demo_datalist, tmp_path), "train#trainer#max_epochs": 2, "train#batch_size": 4},
                launcher=launcher, timeout=300)
     assert (tmp_path / "models" / "model.pt").is_file()
-    assert latest_checkpoint(tmp_path / "models").endswith("checkpoint_epoch=2.pt")
+    assert latest_checkpoint(tmp_path / "models", "checkpoint").endswith("checkpoint_epoch=2.pt")
 
 
 def test_preprocessing_and_image_errors(tmp_path):

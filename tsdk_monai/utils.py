@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TSDKInputError", "atomic_write_bytes", "atomic_write_json", "atomic_copy", "dumps_json"]
+__all__ = ["TSDKInputError", "atomic_write_bytes", "atomic_write_json", "atomic_copy", "dumps_json", "read_state_dict"]
 
 
 class TSDKInputError(ValueError):
@@ -63,3 +63,39 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise
     return dst
 
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
+    """Read a state dict from ``path`` the safe way and name the file in every error.
+
+    ``.safetensors`` files are read with safetensors, anything else with ``torch.load(..., weights_only=True)``
+    (a pickle-bearing file is refused). A state dict wrapped as ``{"model": ...}`` / ``{"state_dict": ...}``
+    (MONAI's ``CheckpointSaver``) is unwrapped.
+
+    Raises:
+        TSDKInputError: the file is missing or unreadable, or holds no state dict.
+    """
+    from collections.abc import Mapping
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise TSDKInputError(f"{path}: {what} file not found")
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip/safetensors errors of many types: the user needs the file and the reason
+        raise TSDKInputError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, Mapping):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping):
+        raise TSDKInputError(f"{path}: {what} is not a state dict (got {type(state).__name__})")
+    return {str(k): v for k, v in state.items()}

@@ -4,13 +4,12 @@ from tsdk_monai.engines.diffusion import (
     DiffusersInferer,
     DiffusionTrainer,
     diffusion_training_cases,
-    latest_checkpoint,
     load_weights,
 )
 from tsdk_monai.engines.sampler import SYNTHETIC_DATALIST, DiffusionSampler, encode_image, sample_images
 
 __all__ = [
-    "DiffusersInferer", "DiffusionTrainer", "diffusion_training_cases", "latest_checkpoint", "load_weights",
+    "DiffusersInferer", "DiffusionTrainer", "diffusion_training_cases", "load_weights",
     "SYNTHETIC_DATALIST", "DiffusionSampler", "encode_image", "sample_images",
 ]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +24,6 @@ __all__ = [
     "DiffusersInferer",
     "DiffusionTrainer",
     "diffusion_training_cases",
-    "latest_checkpoint",
     "load_weights",
 ]
 
@@ -138,19 +136,6 @@ def diffusion_training_cases(
     if not cases:
         raise TSDKInputError(f"{datalist}: no image in the splits {', '.join(splits)} to train the diffusion model on")
     return cases
-
-
-_EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: re.Pattern = _EPOCH) -> str | None:
-    """The path of the highest-epoch ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (what ``CheckpointSaver`` writes
-    with ``epoch_level=True``), or ``None``; used to resume an interrupted training run."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := pattern.search(p.name))]
-    return str(max(found)[1]) if found else None
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | Sequence[str] = ("ema", "model")) -> str:

@@ -27,8 +27,7 @@ Students:
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -233,22 +232,9 @@ def load_student_weights(network: nn.Module, path: str | os.PathLike, strict: bo
         TSDKInputError: the file is missing or unreadable, or its keys/shapes do not fit ``network`` (naming the
             file and the first mismatches).
     """
-    from tsdk_monai.utils import TSDKInputError
+    from tsdk_monai.utils import TSDKInputError, read_state_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise TSDKInputError(f"{path}: student weights file not found")
-    try:
-        state: Any = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors: the user needs the file and the reason
-        raise TSDKInputError(f"{path}: cannot read student weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, Mapping):
-        for key in ("model", "state_dict"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping):
-        raise TSDKInputError(f"{path}: not a state dict (got {type(state).__name__})")
+    state = read_state_dict(path, "student weights")
     state = {(k[7:] if str(k).startswith("module.") else str(k)): v for k, v in state.items()}
     inner = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
     own = inner.state_dict()

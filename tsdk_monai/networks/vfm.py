@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsdk_monai.utils import TSDKInputError
+from tsdk_monai.utils import TSDKInputError, read_state_dict
 
 __all__ = [
     "VFM_NAMES",
@@ -119,24 +119,8 @@ def load_sam_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         TSDKInputError: missing/unreadable file, or no ``image_encoder.*`` keys (naming the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TSDKInputError(f"{path}: VFM checkpoint file not found")
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip/safetensors errors: the user needs the file and the reason
-        raise TSDKInputError(f"{path}: cannot read VFM checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(state, Mapping):
-        for key in ("model", "state_dict"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not any(str(k).startswith("image_encoder.") for k in state):
+    state = read_state_dict(path, "VFM checkpoint")
+    if not any(k.startswith("image_encoder.") for k in state):
         raise TSDKInputError(
             f"{path}: not a SAM-layout checkpoint (expected keys 'image_encoder.*', 'prompt_encoder.*', 'mask_decoder.*')"
         )
