@@ -120,12 +120,12 @@ class DemoSizes:
     teacher_epochs: int = 8
     teacher_batch: int = 4
     synth_size: int = 64
-    synth_epochs: int = 30
+    synth_epochs: int = 20
     synth_images: int = 16
     synth_steps: int = 20
     fid_real_images: int = 32
     distill_epochs: int = 10
-    student_epochs: int = 15
+    student_epochs: int = 12
     batch_size: int = 8
 
 
