@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -279,17 +277,3 @@ def test_bundle_task_agnostic(demo_datalist, tmp_path):
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json", "evaluate.json"], o)
     metrics = (out / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in metrics and "teacher_agreement" not in metrics
-
-
-@pytest.mark.slow
-def test_bundle_multi_gpu_train(demo_datalist, teacher_ckpt, tmp_path):
-    """torchrun with 2 processes, gloo on the CPU; the KD loss (with its projection) is DDP-wrapped too."""
-    out = tmp_path / "ddp"
-    with socket.socket() as s:  # a free port: other tests may run torchrun at the same time
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m"]
-    o = _overrides(demo_datalist, out, student="unet_small", teacher_ckpt=str(teacher_ckpt / "teacher" / "model.pt"))
-    run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"], o, launcher=launcher, timeout=400)
-    assert (out / "models" / "distill" / "checkpoint_epoch=1.pt").is_file()
-    _check_student(out, "unet_small")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,23 +257,6 @@ def test_bundle_train_resume_sample(demo_datalist, tmp_path):
     quality = json.loads((out / "quality.json").read_text())
     assert quality["num_synthetic"] == 6 and len(quality["memorisation"]["per_image"]) == 6
     assert quality["frechet_distance"] >= 0 and (out / "quality_grid.png").is_file()
-
-
-@pytest.mark.slow
-def test_bundle_multi_gpu_train(demo_datalist, tmp_path, monkeypatch):
-    """multi_gpu_train.json under torchrun with 2 processes (gloo on CPU)."""
-    import socket
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with socket.socket() as s:  # a free port: other tests may run torchrun at the same time
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m"]
-    run_bundle(BUNDLE, ["train.json", "multi_gpu_train.json"],
-               {**_overrides(demo_datalist, tmp_path), "train#trainer#max_epochs": 2, "train#batch_size": 4},
-               launcher=launcher, timeout=300)
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert latest_checkpoint(tmp_path / "models", "checkpoint").endswith("checkpoint_epoch=2.pt")
 
 
 def test_preprocessing_and_image_errors(tmp_path):

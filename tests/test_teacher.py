@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,16 +203,6 @@ def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
 
     seg = np.array(Image.open(segs[0]))
     assert seg.shape == (64, 64) and set(np.unique(seg)) <= {0, 1}
-
-
-@pytest.mark.slow
-def test_bundle_multi_process_train(demo_datalist, tmp_path):
-    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "-m"]
-    overrides = dict(_common(demo_datalist, tmp_path), image_size=SIZE, batch_size=1, max_iterations=1, progress=False)
-    overrides["train#trainer#max_epochs"] = 1
-    run_bundle("tsdk_teacher", ["train.json", "multi_gpu_train.json"], overrides, launcher=launcher)
-    assert (tmp_path / "models" / "teacher" / "model.pt").is_file()
-    assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=1.pt")
 
 
 def test_full_finetune_save_load(tmp_path):
