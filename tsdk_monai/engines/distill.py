@@ -35,11 +35,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 from monai.engines import Trainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
+from tsdk_monai.engines.amp import autocast, grad_scaler
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes
 
 __all__ = [
@@ -304,8 +306,12 @@ class DistillationTrainer(Trainer):
             teacher targets are known (spatial transforms must act on all present keys alike).
         image_key: the batch key of the images.
         id_key: batch key of image identifiers for the cache (default: the image's ``filename_or_obj`` meta).
-        train_handlers, key_train_metric, additional_metrics, metric_cmp_fn, postprocessing, amp, event_names,
-        event_to_attr, decollate, optim_set_to_none, amp_kwargs: as in ``monai.engines.SupervisedTrainer``.
+        amp, amp_kwargs: mixed precision as in ``monai.engines.SupervisedTrainer`` (``amp_kwargs={"dtype": ...}``),
+            but autocast on the device's type, so bfloat16 also runs on the CPU; the teacher's inference and the
+            student's forward are autocast, the loss is computed in float32; the loss is scaled only for float16
+            on CUDA (see :mod:`tsdk_monai.engines.amp`).
+        train_handlers, key_train_metric, additional_metrics, metric_cmp_fn, postprocessing, event_names,
+        event_to_attr, decollate, optim_set_to_none: as in ``monai.engines.SupervisedTrainer``.
 
     ``engine.state.output``: ``image``, ``pred`` (student logits), ``loss``, and the loss's weighted terms
     (``kd_kl``, ``kd_dice``, ``kd_feat`` as floats).
@@ -357,6 +363,11 @@ class DistillationTrainer(Trainer):
         self.need_logits = bool(getattr(loss, "needs_logits", True))
         self.need_features = bool(getattr(loss, "needs_features", False))
 
+    def run(self) -> None:  # type: ignore[override]
+        """Run the training (``Trainer.run`` without its CUDA-only ``GradScaler``: see :func:`grad_scaler`)."""
+        self.scaler = grad_scaler(self.state.device, self.amp, self.amp_kwargs)
+        Workflow.run(self)
+
     # the teacher side of one iteration; public so tests and benchmarks can call it alone
     def get_teacher_targets(self, images: torch.Tensor, ids: Sequence[str] | None) -> dict[str, torch.Tensor]:
         """Teacher targets ``{"teacher_logits": (B, C, H, W), "teacher_features": (B, Ct, h, w)}`` for ``images``.
@@ -401,15 +412,19 @@ class DistillationTrainer(Trainer):
         ids = _image_ids(batchdata, engine.image_key, engine.id_key)
         images = torch.as_tensor(raw).as_subclass(torch.Tensor).to(engine.state.device, non_blocking=engine.non_blocking)
         images = images.float()
-        targets = engine.get_teacher_targets(images, ids)
+        with autocast(engine.state.device, engine.amp, engine.amp_kwargs):  # teacher inference in the AMP dtype too
+            targets = engine.get_teacher_targets(images, ids)
         if engine.augment is not None:
             images, targets = engine._augment(images, targets)
         engine.state.output = {Keys.IMAGE: images}
 
         def _compute_pred_loss():
-            logits, feats = student_forward(engine.network, images, engine.need_features)
+            with autocast(engine.state.device, engine.amp, engine.amp_kwargs):  # the student's forward
+                logits, feats = student_forward(engine.network, images, engine.need_features)
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            if engine.amp:  # the loss (and the loss's projection) in float32
+                logits, feats = logits.float(), (feats.float() if feats is not None else None)
             loss = engine.loss_function(logits, targets.get(LOGITS), feats, targets.get(FEATURES))
             if not engine.need_logits and isinstance(engine.network, nn.parallel.DistributedDataParallel):
                 # DDP expects every parameter reachable from forward's output to get a gradient; a features-only
@@ -422,9 +437,8 @@ class DistillationTrainer(Trainer):
         engine.network.train()
         engine.loss_function.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _compute_pred_loss()
+        if engine.scaler is not None:  # float16 on CUDA: scaled loss
+            _compute_pred_loss()
             engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)

@@ -1,0 +1,90 @@
+"""Mixed precision and channels-last: the bundles' switches, and a real bfloat16 autocast step of the distillation
+trainer on the CPU (bfloat16 autocast works there; GPU runs use the same switches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from tsdk_monai.engines.amp import amp_dtype, autocast, grad_scaler
+from tsdk_monai.engines.distill import DistillationTrainer
+from tsdk_monai.losses import TaskSpecificKDLoss
+from tsdk_monai.networks.students import build_student
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+SIZE = 32
+
+
+def test_amp_helpers():
+    assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
+    assert amp_dtype("cpu", {"dtype": "float16"}) == torch.float16
+    assert grad_scaler("cpu", True, {"dtype": torch.float16}) is None  # no CUDA: nothing to scale
+    assert grad_scaler("cuda", True, {"dtype": torch.bfloat16}) is None  # bfloat16 needs no loss scaling
+    assert grad_scaler("cuda", False, {"dtype": torch.float16}) is None
+    with autocast("cpu", True, {"dtype": torch.bfloat16}):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast("cpu", False, {"dtype": torch.bfloat16}):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def _distill_steps(amp: bool) -> tuple[list[torch.dtype], list[float], torch.nn.Module, dict]:
+    """Two distillation steps of a tiny student from a tiny frozen teacher; the dtypes of the student's logits."""
+    torch.manual_seed(0)
+    teacher = build_student("unet_small", num_classes=2, img_size=SIZE).eval()
+    student = build_student("unet_small", num_classes=2, img_size=SIZE)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    loss = TaskSpecificKDLoss(student.feature_channels, teacher.feature_channels)
+    opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
+    data = [{"image": torch.rand(1, SIZE, SIZE)} for _ in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    trainer = DistillationTrainer("cpu", 1, loader, student, teacher, opt, loss, amp=amp,
+                                  amp_kwargs={"dtype": torch.bfloat16})
+    dtypes, losses = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (dtypes.append(e.state.output["pred"].dtype),
+                                                                     losses.append(e.state.output["loss"])))
+    trainer.run()
+    assert trainer.scaler is None
+    return dtypes, losses, student, before
+
+
+def test_distillation_trainer_bf16_autocast_on_cpu():
+    dtypes, losses, student, before = _distill_steps(amp=True)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the student's forward ran under bfloat16 autocast
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses)  # the loss in float32
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights stay float32
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the bfloat16 step did not update the student"
+    off, _, _, _ = _distill_steps(amp=False)
+    assert off == [torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize("bundle", ["tsdk_teacher", "tsdk_synthesis", "tsdk_distill", "tsdk_student"])
+def test_bundle_amp_and_channels_last_switches(bundle):
+    """``amp``/``amp_dtype`` reach the trainer (and the evaluator); ``channels_last`` the network, in both the
+    single-process and the multi-process config; everything is off by default."""
+    from monai.bundle import ConfigParser
+
+    configs = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "multi_gpu_train.json")])
+    assert parser["amp"] is False and parser["channels_last"] is False
+    assert parser.get_parsed_content("memory_format") == torch.preserve_format
+    parser["amp"], parser["amp_dtype"], parser["channels_last"] = True, "float16", True
+    parser["num_classes"] = 2
+    for path in ("image_size", "img_size"):
+        if path in parser:
+            parser[path] = SIZE if bundle != "tsdk_teacher" else 64
+    assert parser.get_parsed_content("train#trainer#amp") is True
+    assert parser.get_parsed_content("train#trainer#amp_kwargs") == {"dtype": torch.float16}
+    if bundle != "tsdk_synthesis":
+        assert parser.get_parsed_content("validate#evaluator#amp") is True
+    assert parser.get_parsed_content("memory_format") == torch.channels_last
+    assert "@memory_format" in parser["network#module"]  # the DDP-wrapped network gets the same layout
+    if bundle in ("tsdk_student", "tsdk_synthesis"):  # cheap networks: build one and look at its conv weights
+        net = parser.get_parsed_content("network#module")
+        convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        assert not all(w.is_contiguous() for w in convs)  # (a 1x1 conv's weight is both)
