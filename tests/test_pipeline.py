@@ -1,12 +1,35 @@
-"""The pipeline driver: bundle runs composed in order, finished stages skipped, the comparison table."""
+"""The pipeline driver: bundle runs composed in order over labels x seeds, finished stages skipped, interrupted
+stages resumed, and the report (table and plots)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tsdk_monai.pipeline import DemoSizes, bundle_arg, run_methods, tskd_stages
+from tsdk_monai.data import load_datalist, subset_datalist
+from tsdk_monai.pipeline import METHODS, DemoSizes, StageRunner, bundle_arg, plan_runs, run_methods, tskd_stages
+from tsdk_monai.utils import TSDKInputError
+
+# the tiniest schedule that still runs every stage of every method on the 64x64 demo data
+TINY = DemoSizes(
+    student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2, synth_size=32, synth_epochs=1,
+    synth_images=4, synth_steps=2, fid_real_images=8, distill_epochs=1, ssl_epochs=1, student_epochs=1, batch_size=3,
+    # distillation and pre-training on the labelled pool's pixels only (6 images), not the unlabelled ones too
+    extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "train#batch_size": 8},
+           "tsdk_distill": {"train#batch_size": 4, "use_unlabeled": False},
+           "tsdk_ssl": {"batch_size": 4, "use_unlabeled": False}},
+)
+N_LABELED = (3, 6)
+SHARED = ("synthesis_train", "synthesis_sample", "task_agnostic_kd_distill", "mae_pretrain", "mocov3_pretrain")
 
 
 def test_bundle_arg_writes_python_literals():
@@ -17,9 +40,16 @@ def test_bundle_arg_writes_python_literals():
 
 def test_every_method_is_made_of_bundle_runs(tmp_path):
     stages = tskd_stages(tmp_path / "data" / "datalist.json", tmp_path, DemoSizes())
-    assert set(stages) == {"teacher", "scratch", "task_agnostic_kd", "tskd_no_synth", "tskd"}
+    assert set(stages) == set(METHODS)
     tskd = [st.name for st in stages["tskd"]]
     assert tskd == ["teacher", "synthesis_train", "synthesis_sample", "tskd_distill", "tskd_finetune", "tskd_evaluate"]
+    assert [st.name for st in stages["mae"]] == ["mae_pretrain", "mae_finetune", "mae_evaluate"]
+    assert stages["mocov3"][0].bundle == "tsdk_ssl" and stages["mocov3"][0].overrides["method"] == "mocov3"
+    # the pre-trained / distilled student is the fine-tune's init
+    for m in ("task_agnostic_kd", "mae", "mocov3", "tskd_no_synth", "tskd"):
+        init = {st.name: st for st in stages[m]}[f"{m}_finetune"].overrides["init_ckpt"]
+        assert init == str(stages[m][-3].outputs[0])
+    assert {st.name: st for st in stages["scratch"]}["scratch_finetune"].overrides["init_ckpt"] == ""
     for st in stages["tskd"]:
         cmd = st.command()
         assert cmd[2:4] == ["monai.bundle", "run"] and "--bundle_root" in cmd
@@ -28,19 +58,169 @@ def test_every_method_is_made_of_bundle_runs(tmp_path):
     assert no_synth.command()[no_synth.command().index("--use_synthetic") + 1] == "False"
 
 
+def test_plan_shares_label_free_stages(demo_datalist, tmp_path):
+    plan = plan_runs(demo_datalist, tmp_path, list(METHODS), TINY, n_labeled="3,6", seeds=(0, 1))
+    names = [st.name for st in plan.stages]
+    assert len(names) == len(set(names))
+    for seed in (0, 1):
+        for shared in SHARED:
+            assert names.count(f"s{seed}_{shared}") == 1  # once per seed, for every n
+        for n in N_LABELED:
+            for m in METHODS[1:]:
+                assert f"s{seed}_n{n}_{m}_finetune" in names and f"s{seed}_n{n}_{m}_evaluate" in names
+            assert f"s{seed}_n{n}_teacher" in names and f"s{seed}_n{n}_tskd_distill" in names
+    by_name = {st.name: st for st in plan.stages}
+    # label-free stages read the whole pool; the others the few-label split of their (seed, n)
+    assert by_name["s0_mae_pretrain"].overrides["datalist"] == str(Path(demo_datalist).absolute())
+    split = by_name["s1_n3_scratch_finetune"].overrides["datalist"]
+    assert split == str(tmp_path.absolute() / "splits" / "seed1_n3" / "datalist.json")
+    assert len(load_datalist(split)["training"]) == 3
+    # the TS-KD distillation of (seed, n) uses that run's teacher and the seed's synthetic images
+    tskd = by_name["s1_n6_tskd_distill"].overrides
+    assert "seed1/n6/teacher" in tskd["teacher_ckpt"] and "seed1/shared/synthesis" in tskd["synthetic_datalist"]
+    assert plan.manifest["stages"]["tskd"]["seed0_n3"][1] == "s0_synthesis_train"
+    with pytest.raises(TSDKInputError, match="unknown method"):
+        plan_runs(demo_datalist, tmp_path, "scratch,nope", TINY)
+    with pytest.raises(TSDKInputError, match="n_labeled=7"):
+        plan_runs(demo_datalist, tmp_path, "scratch", TINY, n_labeled="7")
+
+
+def test_subset_datalist(demo_datalist, tmp_path):
+    full = load_datalist(demo_datalist)
+    small = subset_datalist(demo_datalist, tmp_path / "a", 2, seed=0)
+    large = subset_datalist(demo_datalist, tmp_path / "b", 4, seed=0)
+    s, big = load_datalist(small), load_datalist(large)
+    assert len(s["training"]) == 2 and len(big["training"]) == 4
+    def names(cases):
+        return {Path(c["image"]).name for c in cases}
+
+    assert names(s["training"]) < names(big["training"])  # nested for one seed
+    pool = {c["image"] for c in full["training"] + full["unlabeled"]}
+    for d in (s, big):
+        paths = [c["image"] for c in d["training"] + d["unlabeled"]]
+        assert len(paths) == len(set(paths)) and {str(Path(p).resolve()) for p in paths} == {
+            str(Path(p).resolve()) for p in pool}
+        assert [c["image"] for c in d["test"]] != [] and all("label" not in c for c in d["unlabeled"])
+        for split in ("validation", "test"):
+            assert [Path(c["image"]).resolve() for c in d[split]] == [Path(c["image"]).resolve() for c in full[split]]
+    again = small.read_bytes()
+    assert subset_datalist(demo_datalist, tmp_path / "a", 2, seed=0).read_bytes() == again  # same bytes
+    assert len(names(load_datalist(subset_datalist(demo_datalist, tmp_path / "c", 2, seed=5))["training"])) == 2
+    for bad in (0, 7, 2.5):
+        with pytest.raises(TSDKInputError, match=re.escape(str(Path(demo_datalist).absolute()))):
+            subset_datalist(demo_datalist, tmp_path / "d", bad, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def full_run(demo_datalist, tmp_path_factory):
+    """Every method, 2 numbers of labels x 1 seed, tiny schedules: one driver run shared by the tests below."""
+    work = tmp_path_factory.mktemp("pipeline")
+    t0 = time.time()
+    with StageRunner(work) as runner:
+        table = run_methods(demo_datalist, work, list(METHODS), TINY, n_labeled=N_LABELED, seeds=0, runner=runner)
+    return {"work": work, "runner": runner, "table": table, "seconds": time.time() - t0}
+
+
 @pytest.mark.slow
-def test_driver_runs_skips_and_reports(demo_datalist, tmp_path, capsys):
-    sizes = DemoSizes(student_size=64, student_epochs=2, batch_size=3)
-    table = run_methods(demo_datalist, tmp_path, ["scratch"], sizes)
-    assert "| scratch |" in table and "not run" not in table
-    metrics = json.loads((tmp_path / "scratch" / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["mean"]["test_mean_dice"] <= 1
-    log = (tmp_path / "logs" / "scratch_finetune.log").read_text()
+@pytest.mark.timeout(3600)  # the shared driver run is set up by the first of these tests
+def test_every_method_runs_end_to_end(full_run):
+    work, runner = full_run["work"], full_run["runner"]
+    assert not runner.skipped and not runner.resumed
+    for shared in SHARED:
+        assert runner.ran.count(f"s0_{shared}") == 1  # shared by both numbers of labels
+    for n in N_LABELED:
+        run = work / "seed0" / f"n{n}"
+        for m in METHODS[1:]:
+            metrics = json.loads((run / m / "eval" / "metrics.json").read_text())
+            assert 0 <= metrics["mean"]["test_mean_dice"] <= 1, m
+            assert (run / m / "models" / "model.pt").is_file()
+        assert (run / "teacher" / "test" / "metrics.csv").is_file()
+        assert len(load_datalist(work / "splits" / f"seed0_n{n}" / "datalist.json")["training"]) == n
+    for m in ("mae", "mocov3"):
+        assert (work / "seed0" / "shared" / m / "pretrain" / "student_pretrained.pt").is_file()
+        log = (work / "logs" / f"s0_n3_{m}_finetune.log").read_text()
+        assert "student_pretrained.pt" in log.splitlines()[0]  # the fine-tune starts from the pre-trained student
+    log = (work / "logs" / "s0_n3_tskd_finetune.log").read_text()
     assert log.startswith("$ ") and "monai.bundle run" in log.splitlines()[0]  # the command, runnable by hand
-    capsys.readouterr()
-    run_methods(demo_datalist, tmp_path, ["scratch"], sizes)
+    print(f"\nfull driver run (every method, n_labeled {N_LABELED}): {full_run['seconds']:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_second_run_skips_every_stage(full_run, demo_datalist, capsys):
+    work = full_run["work"]
+    with StageRunner(work) as runner:
+        run_methods(demo_datalist, work, list(METHODS), TINY, n_labeled=N_LABELED, seeds=0, runner=runner)
+    assert runner.ran == [] and runner.resumed == []
     out = capsys.readouterr().out
-    assert "[skip] scratch_finetune" in out and "[skip] scratch_evaluate" in out and "[run ]" not in out
-    # a changed schedule is not "done": the stage runs again
-    run_methods(demo_datalist, tmp_path, ["scratch"], DemoSizes(student_size=64, student_epochs=3, batch_size=3))
-    assert "[run ] scratch_finetune" in capsys.readouterr().out
+    assert "[run ]" not in out and "[skip] (1/" in out
+    assert len(runner.skipped) == len(plan_runs(demo_datalist, work, list(METHODS), TINY, N_LABELED, 0).stages) + len(METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_report_has_every_row_and_plots(full_run):
+    work = full_run["work"]
+    proc = subprocess.run([sys.executable, "-m", "tsdk_monai", "report", str(work)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (work / "report.md").read_text()
+    from tsdk_monai.report import METHOD_LABELS
+
+    for m in METHODS:
+        for n in N_LABELED:
+            row = [line for line in report.splitlines() if line.startswith(f"| {METHOD_LABELS[m]} | {n} |")]
+            assert len(row) == 1, (m, n, report)
+            assert "not run" not in row[0] and re.search(r"\| 0\.\d{3} \|", row[0]), row[0]
+    assert "| teacher (LiteMedSAM + LoRA, reference) | 3 |" in proc.stdout  # the table is printed
+    for png in ("dice_vs_labels.png", "overlays.png"):
+        data = (work / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    rows = json.loads((work / "report.json").read_text())["rows"]
+    assert {(r["method"], r["n_labeled"]) for r in rows} == {(m, n) for m in METHODS for n in N_LABELED}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_changed_schedule_reruns_that_stage(full_run, demo_datalist, capsys):
+    """A changed schedule is not "done": that stage starts afresh, and the stages reading its output run again."""
+    work = full_run["work"]
+    longer = dataclasses.replace(TINY, student_epochs=2)
+    with StageRunner(work) as runner:
+        run_methods(demo_datalist, work, ["scratch"], longer, n_labeled=3, seeds=0, runner=runner)
+    # the evaluation's command is unchanged, but its input (the fine-tuned model) is not
+    assert runner.ran == ["s0_n3_scratch_finetune", "s0_n3_scratch_evaluate", "s0_n3_scratch_overlay"], runner.ran
+    assert "[redo] (1/2) s0_n3_scratch_finetune" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
+    """SIGKILL the driver (process group) mid-way through a training stage; the rerun resumes that stage."""
+    work = tmp_path / "w"
+    args = ["--datalist", str(demo_datalist), "--workdir", str(work), "--methods", "scratch", "--n_labeled", "6",
+            "--student_size", "64", "--student_epochs", "3", "--batch_size", "3"]
+    cmd = [sys.executable, "-m", "tsdk_monai", "run", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stage = "s0_n6_scratch_finetune"
+    ckpt_dir = work / "seed0" / "n6" / "scratch" / "models"
+    try:
+        deadline = time.time() + 400
+        while not list(ckpt_dir.glob("checkpoint*.pt")):  # an epoch finished and was saved: mid-stage now
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    marker = json.loads((work / "logs" / f"{stage}.stage.json").read_text())
+    assert marker["state"] == "running", "the stage finished before the kill; interrupt it earlier"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"[resume] (1/2) {stage}" in done.stdout and "| student from scratch | 6 |" in done.stdout
+    log = (work / "logs" / f"{stage}.log").read_text()
+    resumed = log.split("--- resumed after an interruption")[1]
+    # from the saved checkpoint, not from the start
+    assert re.search(r"Restored all variables from .*checkpoint_epoch=\d+\.pt", resumed), resumed[:3000]
+    assert "Epoch: 1/3," not in resumed and "Epoch: 3/3," in resumed, resumed[:3000]
+    assert json.loads((work / "logs" / f"{stage}.stage.json").read_text())["state"] == "done"
+    assert (work / "seed0" / "n6" / "scratch" / "eval" / "metrics.json").is_file()

@@ -1,0 +1,155 @@
+"""Benchmark: the full method table on HC18 fetal-head ultrasound (issue 9 acceptance).
+
+Every number comes from the stage bundles, composed by the driver (``tsdk_monai.pipeline.run_methods``, the code of
+``tsdk run``), so a row of the table is what ``tsdk run`` gives:
+
+1. ``tsdk prepare`` HC18 into a grouped split with seed 0 (test 20%, validation 10% of the exam groups) and a labelled
+   pool of the largest ``--n-labeled`` cases;
+2. ``tsdk run``: for each seed and number of labels, the few-label subset of the pool, then every method (teacher,
+   scratch, task-agnostic KD, MAE, MoCo v3, TS-KD without synthesis, TS-KD), label-free stages shared by every n;
+3. ``tsdk report``: ``WORK/report.md`` (method x labels: test Dice and HD95, parameters, CPU ms/image, stage minutes)
+   and ``WORK/plots/dice_vs_labels.png``, ``WORK/plots/overlays.png``.
+
+    python bench/hc18_table.py                    # default: CPU schedule planned for < 2 h on 2 cores
+    python bench/hc18_table.py --full             # paper-scale schedule for a GPU machine (n 20,40,80 x seeds 0,1,2)
+    python bench/hc18_table.py --smoke --limit 60 --work /tmp/hc18_smoke   # minutes: the bench end to end, tiny
+
+A re-run skips finished stages and resumes an interrupted one (kill it any time). The default schedule
+(``CPU``) at 128 px, planned from costs measured on these 2 cores (DESIGN.md section 7: LiteMedSAM forward about 1.9 s
+per image at 256 px, 0.4x of that at 128 px; a 1.95M BasicUNet step of 8 images at 128 px about 1.2-1.5 s), on a quiet
+machine, for HC18's ~700-image pool (80 labelled at most), 100 validation and 198 test images:
+
+    stage (count)                                   minutes each   total
+    synthesis train (64 px, 10 epochs) + sample      ~7            7
+      (128 DDIM-20 images, FID on 48 real)
+    task-agnostic KD distill (frozen VFM targets     ~13           13
+      on ~700 images once, 2 student epochs)
+    MAE pre-training (2 epochs)                      ~4.5          4.5
+    MoCo v3 pre-training (2 epochs)                  ~10           10
+    teacher LoRA (about 40 iterations of 4, 2 val)   ~5.5          11     (x2: n = 20, 80)
+    teacher test evaluation (198 images)             ~3            6
+    TS-KD distill without synthesis (teacher         ~14           28
+      targets on ~700 images, cached on disk, 2 ep.)
+    TS-KD distill (+128 synthetic targets, 2 ep.)    ~7            14
+    student fine-tune (about 50 iterations of 8)     ~1.7          20     (x12: 6 students x 2 n)
+    student test evaluation (198 images, HD95)       ~1            12
+    stage start-up, report (overlays, timings)                     ~4
+                                                                   ~130 min planned; the LiteMedSAM forwards
+                                                                   (~3,300 images) are about 45 min of it
+
+(Equal iterations for every n: the teacher's and students' epochs are given for 80 labels and scaled by 80/n.) Under
+other load everything is slower: the stage minutes of each row are in the report, beside its Dice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hc18"
+sys.path.insert(0, str(REPO))
+
+from tsdk_monai.pipeline import METHODS, DemoSizes, run_methods  # noqa: E402
+
+#: default: planned to finish within 2 hours on 2 CPU cores (see the module docstring for the per-stage budget)
+CPU = dict(
+    student="unet_small", student_size=128, teacher_size=128, teacher_epochs=2, teacher_batch=4,
+    synth_size=64, synth_epochs=10, synth_images=128, synth_steps=20, fid_real_images=48,
+    distill_epochs=2, ssl_epochs=2, student_epochs=5, batch_size=8, iterations_like=80,
+)
+#: --full: paper-scale schedule for a GPU machine
+FULL = dict(
+    student="unet_small", student_size=256, teacher_size=256, teacher_epochs=50, teacher_batch=8,
+    synth_size=128, synth_epochs=300, synth_images=1000, synth_steps=50, fid_real_images=512,
+    distill_epochs=100, ssl_epochs=200, student_epochs=100, batch_size=16, iterations_like=80,
+)
+#: --smoke: the bench end to end in minutes on a few dozen cases (checks the wiring, not the method)
+SMOKE = dict(
+    student="unet_small", student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2,
+    synth_size=32, synth_epochs=1, synth_images=4, synth_steps=2, fid_real_images=8,
+    distill_epochs=1, ssl_epochs=1, student_epochs=2, batch_size=4, iterations_like=None,
+    extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "train#batch_size": 8},
+           "tsdk_distill": {"train#batch_size": 4}, "tsdk_ssl": {"batch_size": 4}},
+)
+
+
+def _subset(data: Path, work: Path, limit: int) -> tuple[Path, Path]:
+    """Links to the first ``limit`` image/label pairs of HC18 (by file name), for smoke runs."""
+    out = work / "source"
+    for kind in ("images", "labels"):
+        (out / kind).mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in (data / "images").iterdir() if p.suffix.lower() == ".png")[:limit]
+    for name in names:
+        for kind in ("images", "labels"):
+            link, target = out / kind / name, (data / kind / name).resolve()
+            if not target.is_file():
+                raise SystemExit(f"{target}: missing ({kind[:-1]} of {name})")
+            if not link.is_symlink():
+                link.symlink_to(target)
+    return out / "images", out / "labels"
+
+
+def _stage_minutes(work: Path) -> list[tuple[str, float]]:
+    rows = []
+    for f in sorted((work / "logs").glob("*.stage.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("state") == "done":
+            rows.append((f.name[: -len(".stage.json")], float(rec.get("seconds", 0.0)) / 60))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HC18 folder with images/ and labels/")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "hc18_table")
+    ap.add_argument("--n-labeled", default=None, help="comma-separated (default 20,80; --full 20,40,80; --smoke 4,8)")
+    ap.add_argument("--seeds", default=None, help="comma-separated (default 0; --full 0,1,2)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--student", default=None, help="unet_small (default) or vit_tiny")
+    grp = ap.add_mutually_exclusive_group()
+    grp.add_argument("--full", action="store_true", help="paper-scale schedule for a GPU machine")
+    grp.add_argument("--smoke", action="store_true", help="tiny schedule: the bench end to end in minutes")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N HC18 pairs (smoke runs)")
+    args = ap.parse_args(argv)
+
+    preset = FULL if args.full else SMOKE if args.smoke else CPU
+    sizes = DemoSizes(**preset)
+    if args.student:
+        sizes.student = args.student
+    n_labeled = args.n_labeled or ("20,40,80" if args.full else "4,8" if args.smoke else "20,80")
+    seeds = args.seeds or ("0,1,2" if args.full else "0")
+    ns = [int(n) for n in str(n_labeled).split(",")]
+    if not (args.data / "images").is_dir():
+        raise SystemExit(f"{args.data}: HC18 not found (expected images/ and labels/ in it; see --data)")
+
+    from tsdk_monai.data import prepare
+
+    work = args.work.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    images, labels = (args.data / "images", args.data / "labels") if args.limit is None else _subset(args.data, work, args.limit)
+    datalist = prepare(str(images), str(labels), str(work / "data"), n_labeled=max(ns), seed=0, name="hc18")
+    print(f"split: {datalist} ({time.time() - t0:.0f} s); schedule: "
+          f"{'full (GPU)' if args.full else 'smoke' if args.smoke else 'CPU default'}; n_labeled {n_labeled}; "
+          f"seeds {seeds}; threads {os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
+    table = run_methods(datalist, work, args.methods, sizes, n_labeled=n_labeled, seeds=seeds)
+    total = time.time() - t0
+    stages = _stage_minutes(work)
+    print("\nstage minutes (this folder's finished stages, including ones skipped in this run):")
+    for name, mins in stages:
+        print(f"  {name:<44s} {mins:7.2f}")
+    print(f"  {'sum':<44s} {sum(m for _, m in stages):7.2f}")
+    print(f"\nHC18 method table ({len(ns)} numbers of labels x {len(seeds.split(','))} seed(s)); wall time of this "
+          f"invocation {total / 60:.1f} min\n")
+    print(table)
+    print(f"\nreport: {work / 'report.md'}; plots: {work / 'plots'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
