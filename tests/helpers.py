@@ -68,7 +68,8 @@ def run_bundle(
     ]
     for k, v in (overrides or {}).items():
         cmd += [f"--{k}", _arg(v)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="backslashreplace", env=_env(), timeout=timeout,
+                          cwd=str(REPO))  # backslashreplace: file names need not be UTF-8
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-6000:]}")
     return proc

@@ -151,7 +151,10 @@ def test_transforms_and_latest_checkpoint(tmp_path):
         CheckLabeld("label", num_classes=4)({"label": lab, "image": torch.zeros(1, 2, 2)})
     assert latest_checkpoint(tmp_path / "none") == ""
     for n in (1, 2, 10):
-        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
+        torch.save({"n": torch.tensor(n)}, tmp_path / f"checkpoint_epoch={n}.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+    # a checkpoint cut short (a kill during a non-atomic save) is skipped: resume from the newest complete one
+    (tmp_path / "checkpoint_epoch=11.pt").write_bytes((tmp_path / "checkpoint_epoch=10.pt").read_bytes()[:40])
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
 
 

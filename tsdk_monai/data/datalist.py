@@ -13,7 +13,9 @@ A tsdk datalist is a JSON file::
 
 ``training`` is the labelled subset the later stages may use, ``unlabeled`` holds images whose labels are
 hidden, ``validation`` is for model selection and ``test`` is held out from every stage. Paths are
-relative to the datalist's folder and may not leave it unless ``allow_outside=True``.
+relative to the datalist's folder and may not leave it (an absolute path, ``../``) unless ``allow_outside=True``
+or, for the bundles, the environment variable ``TSDK_ALLOW_OUTSIDE=1``: a datalist from elsewhere cannot make a
+stage read (and copy into its outputs) files outside the data set's folder.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from typing import Any
 
 from tsdk_monai.utils import TSDKInputError
 
-__all__ = ["SPLITS", "LABELLED_SPLITS", "load_datalist", "load_split", "num_classes_of"]
+__all__ = ["SPLITS", "LABELLED_SPLITS", "ALLOW_OUTSIDE_ENV", "load_datalist", "load_split", "num_classes_of"]
 
 SPLITS = ("training", "validation", "unlabeled", "test")
 LABELLED_SPLITS = ("training", "validation", "test")
+ALLOW_OUTSIDE_ENV = "TSDK_ALLOW_OUTSIDE"  # "1": datalist paths may be absolute or leave the datalist's folder
+_HOW_TO_ALLOW = f"set {ALLOW_OUTSIDE_ENV}=1 or pass allow_outside=True to accept it"
+
+
+def _allow_outside(value: bool | None) -> bool:
+    return os.environ.get(ALLOW_OUTSIDE_ENV, "") in ("1", "true", "True") if value is None else bool(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -50,12 +58,12 @@ def _resolve(root: Path, rel: Any, datalist: Path, where: str, allow_outside: bo
     if p.is_absolute() and not allow_outside:
         raise TSDKInputError(
             f"{datalist}: {where} is an absolute path ({rel}); paths must be relative to the datalist's folder "
-            "(pass allow_outside=True to accept it)"
+            f"({_HOW_TO_ALLOW})"
         )
     full = Path(os.path.normpath(root / p))
     if not allow_outside and os.path.commonpath([full, root]) != str(root):
         raise TSDKInputError(
-            f"{datalist}: {where} ({rel}) leaves the datalist's folder {root} (pass allow_outside=True to accept it)"
+            f"{datalist}: {where} ({rel}) leaves the datalist's folder {root} ({_HOW_TO_ALLOW})"
         )
     if check_files and not full.is_file():
         raise TSDKInputError(f"{datalist}: {where} refers to a missing file {full}")
@@ -63,18 +71,20 @@ def _resolve(root: Path, rel: Any, datalist: Path, where: str, allow_outside: bo
 
 
 def load_datalist(
-    path: str | os.PathLike, check_files: bool = True, allow_outside: bool = False
+    path: str | os.PathLike, check_files: bool = True, allow_outside: bool | None = None
 ) -> dict[str, Any]:
     """Read and validate a datalist; return it with every image/label path made absolute.
 
     Checks: valid JSON object; every split a list of objects with ``image`` (and ``label`` for labelled splits);
-    paths inside the datalist's folder; files present; no image listed twice. Image contents are checked
-    where they are read (``tsdk prepare`` and the bundles' transforms).
+    paths inside the datalist's folder (``allow_outside``: ``None`` reads ``TSDK_ALLOW_OUTSIDE``); files present;
+    no image listed twice. Image contents are checked where they are read (``tsdk prepare`` and the bundles'
+    transforms).
 
     Raises:
         TSDKInputError: naming the datalist and the entry at fault.
     """
     path = Path(path).absolute()
+    allow_outside = _allow_outside(allow_outside)
     data = _read_json(path)
     root = Path(os.path.normpath(path.parent))
     out = dict(data)
@@ -109,7 +119,7 @@ def load_datalist(
 
 
 def load_split(
-    path: str | os.PathLike, split: str, allow_empty: bool = False, allow_outside: bool = False
+    path: str | os.PathLike, split: str, allow_empty: bool = False, allow_outside: bool | None = None
 ) -> list[dict[str, Any]]:
     """The cases of one split with absolute paths, for a bundle's dataset (``$tsdk_monai.data.load_split(...)``)."""
     if split not in SPLITS:

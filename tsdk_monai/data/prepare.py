@@ -124,9 +124,17 @@ def _check_pairs(images: dict[str, Path], labels: dict[str, Path], num_classes: 
     if only_lab:
         raise TSDKInputError(f"{labels[only_lab[0]]}: no image file with the same name ({len(only_lab)} labels lack one)")
     max_label = 0
+    first: tuple[int, Path] | None = None  # spatial dimensions of the first image: a data set is all 2D or all 3D
     for stem in tqdm(sorted(images), desc="checking pairs", unit="case", leave=False):
         img = read_array(images[stem], "image")
         lab = read_array(labels[stem], "label")
+        if first is None:
+            first = (img.ndim - 1, images[stem])
+        elif img.ndim - 1 != first[0]:
+            raise TSDKInputError(
+                f"{images[stem]}: image is {img.ndim - 1}D but {first[1].name} is {first[0]}D; "
+                "all images of a data set must have the same number of dimensions"
+            )
         if img.shape[1:] != lab.shape[1:]:
             raise TSDKInputError(
                 f"{labels[stem]}: label size {tuple(lab.shape[1:])} does not match image {images[stem].name} "

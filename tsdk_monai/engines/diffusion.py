@@ -18,7 +18,7 @@ import torch
 from monai.engines import DiffusionPrepareBatch, SupervisedTrainer, VPredictionPrepareBatch
 from monai.inferers import Inferer
 
-from tsdk_monai.utils import TSDKInputError
+from tsdk_monai.utils import TSDKInputError, load_error
 
 __all__ = [
     "DiffusersInferer",
@@ -159,7 +159,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | S
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many types
-        raise TSDKInputError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise load_error(path, "checkpoint", exc) from exc
     keys = [key] if isinstance(key, str) else list(key)
     if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state, used = ckpt, ""

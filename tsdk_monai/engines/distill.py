@@ -205,7 +205,7 @@ class TeacherCache:
 
     def key(self, image_id: str, size: Sequence[int]) -> str:
         raw = f"{self.tag}|{image_id}|{'x'.join(str(int(s)) for s in size)}"
-        return hashlib.sha1(raw.encode("utf-8")).hexdigest()
+        return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()  # file names need not be UTF-8
 
     def _file(self, key: str) -> Path:
         assert self.cache_dir is not None
@@ -564,7 +564,7 @@ def build_transfer_set(
         parts.append(("synthetic", "unlabeled", synthetic_datalist))
     counts = {}
     for source, split, path in parts:
-        cases = load_split(path, split, allow_empty=True, allow_outside=source == "synthetic")
+        cases = load_split(path, split, allow_empty=True)  # paths confined to each datalist's folder
         items += [{"image": c["image"], "source": source} for c in cases]
         counts[source] = len(cases)
     if not items:

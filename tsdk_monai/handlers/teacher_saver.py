@@ -16,18 +16,26 @@ __all__ = ["TeacherSaver", "latest_checkpoint"]
 
 def latest_checkpoint(folder: str | os.PathLike, prefix: str = "") -> str:
     """The newest ``{prefix}*epoch=N.pt`` / ``*iteration=N.pt`` checkpoint written by MONAI's ``CheckpointSaver``
-    in ``folder``, or ``""`` when there is none (a bundle then disables its ``CheckpointLoader``)."""
+    in ``folder``, or ``""`` when there is none (a bundle then disables its ``CheckpointLoader``).
+
+    A file that is not a complete ``torch.save`` archive (cut short by a kill during a non-atomic save) is skipped
+    with a warning, so a resumed run starts from the newest complete checkpoint.
+    """
+    import zipfile
+
     folder = Path(folder)
     if not folder.is_dir():
         return ""
-    best: tuple[int, str] | None = None
+    found: list[tuple[int, Path]] = []
     for f in folder.iterdir():
         m = re.fullmatch(re.escape(prefix) + r".*?(?:epoch|iteration)=(\d+)\.pt", f.name)
-        if m and f.is_file() and f.stat().st_size > 0:
-            n = int(m.group(1))
-            if best is None or n > best[0]:
-                best = (n, str(f))
-    return best[1] if best else ""
+        if m and f.is_file():
+            found.append((int(m.group(1)), f))
+    for _, f in sorted(found, reverse=True):
+        if zipfile.is_zipfile(f):
+            return str(f)
+        logging.getLogger(__name__).warning("%s: not a complete checkpoint (interrupted save?); skipped", f)
+    return ""
 
 
 class TeacherSaver:

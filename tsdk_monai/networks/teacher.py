@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tsdk_monai.networks.vfm import VFMEncoder, load_vfm
-from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json
+from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, load_error
 
 __all__ = [
     "FINETUNE_MODES",
@@ -419,7 +419,7 @@ def load_teacher(
         try:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise TSDKInputError(f"{file}: cannot read teacher weights ({type(exc).__name__}: {exc})") from exc
+            raise load_error(file, "teacher weights", exc) from exc
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
         try:

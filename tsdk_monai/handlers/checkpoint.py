@@ -1,0 +1,121 @@
+"""Checkpoint handlers: ``AtomicCheckpointSaver`` (never a half-written file) and ``CheckedCheckpointLoader`` (errors
+that name the file).
+
+MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` and deletes the previous checkpoint
+*before* writing the next one: a run killed while saving leaves a truncated ``checkpoint_epoch=N.pt`` (or
+``model.pt``) that looks complete, and no older checkpoint to resume from. This subclass writes each file to a
+temporary name beside it (``.NAME.XXXX.tmp``), flushes it to disk, renames it into place, and only then deletes the
+checkpoint it replaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from tsdk_monai.utils import TSDKInputError, load_error
+
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "CheckedCheckpointLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+class AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` that writes ``.NAME.XXXX.tmp`` then renames it to ``NAME``, and defers removals.
+
+    Args:
+        dirname: the folder.
+        filename: a fixed file name for every save (``model.pt``), as MONAI's saver supports; ``None``: ignite's names.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=str(dirname), require_empty=False, atomic=True, create_dir=True)
+        self.filename = filename
+        self._pending_removal: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        import ignite.distributed as idist
+
+        saved = self.filename or filename
+        super().__call__(checkpoint, saved, metadata)
+        pending, self._pending_removal = self._pending_removal, []
+        if idist.get_rank() == self.save_on_rank:  # as DiskSaver.remove: only the saving rank touches the files
+            for old in pending:  # the replaced checkpoint goes only once its successor is complete
+                if old != saved:
+                    (Path(self.dirname) / old).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        self._pending_removal.append(self.filename or filename)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _stale_temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.glob(".*.pt.*.tmp") if p.is_file()] if folder.is_dir() else []
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """``monai.handlers.CheckpointSaver`` (same arguments) writing through :class:`AtomicDiskSaver`.
+
+    Every checkpoint (interval, key-metric, final) is complete under its final name or absent; a kill at any moment
+    leaves at worst a hidden ``.NAME.XXXX.tmp`` file, removed when the next run attaches its saver.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, getattr(ckpt.save_handler, "filename", None))
+
+    def attach(self, engine: Any) -> None:
+        import ignite.distributed as idist
+
+        if idist.get_rank() == 0:
+            for p in _stale_temporaries(Path(self.save_dir)):
+                logger.info("removing %s, left by an interrupted save", p)
+                p.unlink(missing_ok=True)
+        super().attach(engine)
+
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` (same arguments; it reads with ``torch.load(..., weights_only=True)``) whose
+    errors name the file: missing, not a complete checkpoint, refused because it needs pickle to load (it could run
+    code), or weights that do not fit the network. For checkpoints a user brings (``model.pt`` of a model zoo)."""
+
+    def __call__(self, engine: Any) -> None:
+        import pickle
+
+        path = Path(self.load_path)
+        if not path.is_file():
+            raise TSDKInputError(f"{path}: checkpoint not found")
+        try:
+            super().__call__(engine)
+        except pickle.UnpicklingError as exc:
+            raise load_error(path, "checkpoint", exc) from exc
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "state_dict" in str(exc):
+                raise TSDKInputError(f"{path}: the weights do not fit the network ({first})") from exc
+            if "PytorchStreamReader" in str(exc) or "zip" in str(exc):
+                raise TSDKInputError(f"{path}: not a complete checkpoint file ({first})") from exc
+            raise
