@@ -121,3 +121,35 @@ def test_bad_checkpoints_name_the_file(tmp_path, tiny_sam_ckpt):
         load_vfm("sam_vit_b", checkpoint=path, img_size=256, arch=dict(TINY, embed_dim=64))
     with pytest.raises(TSDKInputError, match="not a positive multiple"):
         load_vfm("litemedsam", img_size=100, pretrained=False)
+
+
+def test_tinyvit_fast_path_matches_the_plain_layers():
+    """LiteMedSAM's TinyViT runs channels-last with frozen Conv2d+BatchNorm pairs folded into one convolution: the
+    same embedding as NCHW with separate layers, refreshed after new weights, and the plain layers when trainable."""
+    import copy
+
+    from tsdk_monai.networks.vfm import set_tinyvit_fast_path
+
+    torch.manual_seed(0)
+    enc = build_vfm_encoder("litemedsam", img_size=64)  # frozen, eval mode
+    conv = enc.backbone.patch_embed.seq[0]
+    assert type(conv).__name__ == "FoldedConv2dBN"
+    assert set(dict(conv.named_parameters())) == {"c.weight", "bn.weight", "bn.bias"}  # the state dict is unchanged
+    assert enc.backbone.layers[0].blocks[0].conv2.c.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(enc)
+    plain.backbone.to(memory_format=torch.contiguous_format)
+    set_tinyvit_fast_path(plain, False)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), plain(x), rtol=1e-4, atol=1e-4)
+        # new BatchNorm statistics (as load_state_dict brings) must reach the folded weights
+        bn = enc.backbone.layers[0].blocks[0].conv1.bn
+        state = {k: v.clone() for k, v in enc.state_dict().items()}
+        state["backbone.layers.0.blocks.0.conv1.bn.running_var"] = bn.running_var * 4.0
+        enc.load_state_dict(state)
+        plain.load_state_dict(state)
+        torch.testing.assert_close(enc(x), plain(x), rtol=1e-4, atol=1e-4)
+    # trainable (finetune="full"): the plain Conv2d + BatchNorm, so both get gradients
+    enc.requires_grad_(True).train()
+    enc(x).mean().backward()
+    assert conv.c.weight.grad is not None and conv.bn.weight.grad is not None

@@ -44,6 +44,7 @@ __all__ = [
     "build_vfm_encoder",
     "vfm_spec",
     "sam_layout_state_dict",
+    "set_tinyvit_fast_path",
 ]
 
 LITEMEDSAM_SIZE = 39_370_479
@@ -187,11 +188,67 @@ def _build_tinyvit(img_size: int) -> nn.Module:
             x = x.view(b, side, side, c).permute(0, 3, 1, 2)
             return self.neck(x)
 
-    return LiteMedSAMTinyViT(
+    model = LiteMedSAMTinyViT(
         img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
         num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
         use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
     )
+    # The patch embedding and the MBConv stage run at the full input resolution ((B, 256, 256, 256) maps at 256):
+    # channels-last (NHWC) weights make oneDNN run those convolutions directly, without the reorders and the slow
+    # NCHW depthwise kernel of the default layout; frozen Conv2d+BatchNorm pairs run as one folded convolution.
+    folded = _folded_conv_bn_class()
+    for m in model.modules():
+        if type(m) is _import_tiny_vit().Conv2d_BN:
+            m.__class__ = folded
+    return model.to(memory_format=torch.channels_last)
+
+
+_FOLDED_CONV_BN: type | None = None
+
+
+def _folded_conv_bn_class() -> type:
+    """TinyViT's ``Conv2d_BN`` (a Conv2d then a BatchNorm2d) that runs as one convolution when frozen.
+
+    When the BatchNorm is in eval mode and no parameter of the pair needs a gradient (a frozen encoder: LoRA or
+    decoder fine-tuning, a distillation teacher, feature extraction; or any encoder under ``torch.no_grad()``), the
+    BatchNorm is an affine map folded into the convolution's weight and bias (computed once, again whenever a weight
+    or statistic changes, e.g. after ``load_state_dict`` or an optimiser step). Otherwise (``finetune="full"``
+    training, train mode) it runs as the two original layers. The state dict is unchanged (``c.*``, ``bn.*``).
+    ``fast_path = False`` on an instance turns the folding off.
+    """
+    global _FOLDED_CONV_BN
+    if _FOLDED_CONV_BN is None:
+        base = _import_tiny_vit().Conv2d_BN
+
+        class FoldedConv2dBN(base):
+            fast_path = True
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                c, bn = self.c, self.bn
+                trainable = torch.is_grad_enabled() and (
+                    c.weight.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
+                if not self.fast_path or bn.training or trainable:
+                    return super().forward(x)
+                tensors = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                key = tuple((t.data_ptr(), t._version) for t in tensors) + (c.weight.dtype, c.weight.device)
+                if getattr(self, "_folded_key", None) != key:
+                    with torch.no_grad():
+                        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                        weight = c.weight * scale[:, None, None, None]  # keeps c.weight's memory format
+                        bias = bn.bias - bn.running_mean * scale
+                    self._folded, self._folded_key = (weight, bias), key
+                weight, bias = self._folded
+                return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+        _FOLDED_CONV_BN = FoldedConv2dBN
+    return _FOLDED_CONV_BN
+
+
+def set_tinyvit_fast_path(module: nn.Module, enabled: bool = True) -> None:
+    """Turn the folded Conv2d+BatchNorm path of every TinyViT ``Conv2d_BN`` in ``module`` on or off (benchmarks)."""
+    for m in module.modules():
+        if _FOLDED_CONV_BN is not None and isinstance(m, _FOLDED_CONV_BN):
+            m.fast_path = bool(enabled)
 
 
 def _build_samvit(img_size: int, arch: Mapping[str, Any]) -> nn.Module:
