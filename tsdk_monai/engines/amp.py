@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["amp_dtype", "autocast", "grad_scaler"]
+__all__ = ["amp_dtype", "autocast", "grad_scaler", "backward_and_step"]
 
 
 def amp_dtype(device: torch.device | str, amp_kwargs: Mapping[str, Any] | None = None) -> torch.dtype:
@@ -44,3 +44,21 @@ def grad_scaler(device: torch.device | str, enabled: bool, amp_kwargs: Mapping[s
     if enabled and device.type == "cuda" and amp_dtype(device, amp_kwargs) == torch.float16:
         return torch.amp.GradScaler("cuda")
     return None
+
+
+def backward_and_step(engine: Any) -> None:
+    """Backward of ``engine.state.output["loss"]`` and the optimiser step, through ``engine.scaler`` when it has one
+    (float16 on CUDA, see :func:`grad_scaler`); fires MONAI's ``BACKWARD_COMPLETED`` between the two."""
+    from monai.engines.utils import IterationEvents
+    from monai.utils.enums import CommonKeys as Keys
+
+    loss = engine.state.output[Keys.LOSS]
+    if engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()

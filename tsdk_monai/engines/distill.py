@@ -41,7 +41,7 @@ from monai.transforms import MapTransform
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from tsdk_monai.engines.amp import autocast, grad_scaler
+from tsdk_monai.engines.amp import autocast, backward_and_step, grad_scaler
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes
 
 __all__ = [
@@ -437,17 +437,8 @@ class DistillationTrainer(Trainer):
         engine.network.train()
         engine.loss_function.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.scaler is not None:  # float16 on CUDA: scaled loss
-            _compute_pred_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _compute_pred_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        _compute_pred_loss()
+        backward_and_step(engine)  # scaled loss for float16 on CUDA
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -28,10 +28,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 from monai.engines import Trainer
+from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
+from tsdk_monai.engines.amp import autocast, backward_and_step, grad_scaler
 from tsdk_monai.engines.distill import unwrap_module as _unwrap
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes
 
@@ -205,6 +207,11 @@ class SSLTrainer(Trainer):
         self.optim_set_to_none = optim_set_to_none
         self.num_views = int(getattr(_unwrap(network), "num_views", 1))
 
+    def run(self) -> None:  # type: ignore[override]
+        """Run the training (``Trainer.run`` without its CUDA-only ``GradScaler``: see ``engines.amp.grad_scaler``)."""
+        self.scaler = grad_scaler(self.state.device, self.amp, self.amp_kwargs)
+        Workflow.run(self)
+
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``num_views`` views ``(B, C, H, W)`` of ``images``: independent draws of ``augment`` per sample and view."""
         if self.augment is None:
@@ -239,18 +246,9 @@ class SSLTrainer(Trainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _compute_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
+        with autocast(engine.state.device, engine.amp, engine.amp_kwargs):
             _compute_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        backward_and_step(engine)  # scaled loss for float16 on CUDA
         after_step = getattr(_unwrap(engine.network), "after_step", None)
         if callable(after_step):
             after_step()
