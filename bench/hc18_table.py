@@ -10,32 +10,29 @@ Every number comes from the stage bundles, composed by the driver (``tsdk_monai.
 3. ``tsdk report``: ``WORK/report.md`` (method x labels: test Dice and HD95, parameters, CPU ms/image, stage minutes)
    and ``WORK/plots/dice_vs_labels.png``, ``WORK/plots/overlays.png``.
 
-    python bench/hc18_table.py                    # default: CPU schedule planned for < 2 h on 2 cores
+    python bench/hc18_table.py                    # default: CPU schedule, ~54 min on 2 quiet cores (< 2 h)
     python bench/hc18_table.py --full             # paper-scale schedule for a GPU machine (n 20,40,80 x seeds 0,1,2)
     python bench/hc18_table.py --smoke --limit 60 --work /tmp/hc18_smoke   # minutes: the bench end to end, tiny
 
-A re-run skips finished stages and resumes an interrupted one (kill it any time). The default schedule
-(``CPU``) at 128 px, planned from costs measured on these 2 cores (DESIGN.md section 7: LiteMedSAM forward about 1.9 s
-per image at 256 px, 0.4x of that at 128 px; a 1.95M BasicUNet step of 8 images at 128 px about 1.2-1.5 s), on a quiet
-machine, for HC18's ~800-image pool (80 labelled + 721 unlabelled), ~100 validation and 198 test images:
+A re-run skips finished stages and resumes an interrupted one (kill it any time). The default schedule (``CPU``)
+at 128 px, for HC18's ~800-image pool (80 labelled + 721 unlabelled), ~100 validation and 198 test images, measured
+on a quiet machine with 2 cores (2026-11-22: 53.4 min for all 37 stages and the report):
 
     stage (count)                                   minutes each   total
-    synthesis train (64 px, 8 epochs of ~800          ~6            6
-      images) + sample (128 DDIM-20, FID on 48 real)
-    task-agnostic KD distill (frozen VFM targets     ~13           13
-      on ~800 images once, 2 student epochs)
-    MAE pre-training (1 epoch, ~90 iterations)       ~2.5          2.5
-    MoCo v3 pre-training (1 epoch)                   ~5            5
-    teacher LoRA (about 40 iterations of 4, 2 val)   ~5.5          11     (x2: n = 20, 80)
-    teacher test evaluation (198 images)             ~3            6
-    TS-KD distill without synthesis (teacher         ~14           28
-      targets on ~800 images, cached on disk, 2 ep.)
-    TS-KD distill (+128 synthetic targets, 2 ep.)    ~7            14
-    student fine-tune (about 40 iterations of 8)     ~1.4          17     (x12: 6 students x 2 n)
-    student test evaluation (198 images, HD95)       ~1            12
-    stage start-up, report (overlays, timings)                     ~4
-                                                                   ~118 min planned (+-20%); the LiteMedSAM
-                                                                   forwards (~3,300 images) are about 45 min
+    teacher LoRA (160 iterations of 4, val x8)       ~7.7          15.4   (x2: n = 20, 80)
+    teacher test evaluation (198 images)             ~0.9           1.8
+    synthesis train (64 px, 8 epochs, 352 it.)       ~4.1           4.1
+      + sample (128 DDIM-20, FID on 48 real)         ~1.6           1.6
+    task-agnostic KD distill (frozen VFM targets     ~4.5           4.5
+      on ~800 images, 2 student epochs)
+    MAE / MoCo v3 pre-training (1 epoch each)        ~0.5           1.0
+    TS-KD distill without synthesis (teacher         ~4.2           8.4
+      targets on ~800 images, 2 epochs)
+    TS-KD distill (+128 synthetic images, 2 ep.)     ~1.6           3.1
+    student fine-tune (80 iterations of 8)           ~1.0          11.6   (x12: 6 students x 2 n)
+    student test evaluation (198 images, HD95)       ~0.2           2.2
+    overlays, report                                                ~0.5
+                                                                   ~54 min of the 2 h budget
 
 (Equal iterations for every n: the teacher's and students' epochs are given for 80 labels and scaled by 80/n.) Under
 other load everything is slower: the stage minutes of each row are in the report, beside its Dice.
@@ -56,11 +53,11 @@ sys.path.insert(0, str(REPO))
 
 from tsdk_monai.pipeline import METHODS, DemoSizes, run_methods  # noqa: E402
 
-#: default: planned to finish within 2 hours on 2 CPU cores (see the module docstring for the per-stage budget)
+#: default: within 2 hours on 2 CPU cores (measured ~54 min; per-stage minutes in the module docstring)
 CPU = dict(
-    student="unet_small", student_size=128, teacher_size=128, teacher_epochs=2, teacher_batch=4,
+    student="unet_small", student_size=128, teacher_size=128, teacher_epochs=8, teacher_batch=4,
     synth_size=64, synth_epochs=8, synth_images=128, synth_steps=20, fid_real_images=48,
-    distill_epochs=2, ssl_epochs=1, student_epochs=4, batch_size=8, iterations_like=80,
+    distill_epochs=2, ssl_epochs=1, student_epochs=8, batch_size=8, iterations_like=80,
 )
 #: --full: paper-scale schedule for a GPU machine
 FULL = dict(

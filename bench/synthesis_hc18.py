@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction",
                     help="training target; v-prediction learns the low frequencies (the data mean, the fan) far sooner")
     ap.add_argument("--beta-schedule", default="squaredcos_cap_v2", help="diffusers beta schedule (linear, squaredcos_cap_v2)")
-    ap.add_argument("--ema-momentum", type=float, default=0.005, help="EMA weight of the newest weights per iteration")
+    ap.add_argument("--snr-gamma", type=float, default=5.0,
+                    help="Min-SNR-gamma loss weighting (0: plain MSE); it shifts the gradient from fine texture to layout")
+    ap.add_argument("--ema-momentum", type=float, default=0.001,
+                    help="final EMA weight of the newest weights per iteration (after the warm-up, tsdk_monai.handlers.EMAWarmup)")
     ap.add_argument("--num-images", type=int, default=64, help="samples to draw (and noise images for the baseline)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--max-real-fid", type=int, default=128, help="real images in the Fréchet distance")
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train#batch_size": args.batch_size,
         "train#learning_rate": args.lr,
         "train#ema_momentum": args.ema_momentum,
+        "train#snr_gamma": args.snr_gamma if args.snr_gamma > 0 else "None",
         "prediction_type": args.prediction_type,
         "noise_scheduler#beta_schedule": args.beta_schedule,
     }
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": args.image_size, "train_minutes": round(train_s / 60, 2), "epochs": ckpt_epoch,
         "sampling_and_report_minutes": round(infer_s / 60, 2), "num_images": args.num_images, "ddim_steps": args.steps,
         "features": args.features, "block_out_channels": args.block_out_channels, "batch_size": args.batch_size,
-        "lr": args.lr, "prediction_type": args.prediction_type, "beta_schedule": args.beta_schedule, "ema_momentum": args.ema_momentum, "num_real_fid": quality["num_real_fid"],
+        "lr": args.lr, "prediction_type": args.prediction_type, "beta_schedule": args.beta_schedule, "ema_momentum": args.ema_momentum,
+        "snr_gamma": args.snr_gamma or None, "num_real_fid": quality["num_real_fid"],
         "frechet_distance": quality["frechet_distance"],
         "noise_baseline_frechet_distance": quality["noise_baseline"]["frechet_distance"],
         "num_copies": mem["num_copies"], "copy_threshold": mem["copy_threshold"],

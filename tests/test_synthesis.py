@@ -13,11 +13,12 @@ from ignite.engine import Events
 
 from helpers import run_bundle, verify_metadata
 from tsdk_monai.data import load_split, read_array
-from tsdk_monai.handlers import latest_checkpoint
+from tsdk_monai.handlers import EMAWarmup, latest_checkpoint
 from tsdk_monai.engines import (
     SYNTHETIC_DATALIST,
     DiffusionSampler,
     DiffusionTrainer,
+    MinSNRLoss,
     diffusion_training_cases,
     load_weights,
     sample_images,
@@ -95,6 +96,74 @@ def test_training_lowers_loss(real_images):
     assert len(losses) == 25
     assert after < 0.6 * before, (before, after)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_min_snr_loss_weights_and_training(real_images):
+    """Min-SNR-gamma: the weights follow the rule for both targets, and training with it still fits a batch."""
+    for kind in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind)
+        net = tiny_unet()
+        trainer = DiffusionTrainer(
+            device="cpu", max_epochs=1, train_data_loader=[], network=net,
+            optimizer=torch.optim.Adam(net.parameters(), 1e-3), scheduler=sched, snr_gamma=5.0,
+        )
+        loss = trainer.loss_function
+        assert isinstance(loss, MinSNRLoss)
+        t = torch.tensor([0, 300, 600, 999])
+        ab = sched.alphas_cumprod[t]
+        snr = ab / (1 - ab)
+        expect = torch.minimum(snr, torch.tensor(5.0)) / (snr if kind == "epsilon" else snr + 1)
+        torch.testing.assert_close(loss.weights(t), expect.float())
+        assert loss.weights(t)[0] < 0.01, "nearly clean images must be down-weighted"
+        # the per-image weighting is applied: zero error on the low-weight image moves the loss by its weight only
+        pred, target = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)
+        trainer.prepare_batch.last_timesteps = t
+        torch.testing.assert_close(loss(pred, target), expect.float().mean())
+    with pytest.raises(ValueError, match="not both"):
+        DiffusionTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=net,
+                         optimizer=torch.optim.Adam(net.parameters()), scheduler=sched,
+                         loss_function=torch.nn.MSELoss(), snr_gamma=5.0)
+
+    net = tiny_unet()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    trainer = DiffusionTrainer(
+        device="cpu", max_epochs=1, train_data_loader=[{"image": real_images[:8] * 2 - 1}] * 25, network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3), scheduler=sched, snr_gamma=5.0,
+    )
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    trainer.run()
+    assert len(losses) == 25 and np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+
+
+def test_ema_warmup_schedules_the_ema_handler():
+    """EMAWarmup sets the momentum ignite's EMAHandler uses at each iteration: (1 + t)^-power, floored."""
+    from ignite.engine import Engine
+    from ignite.handlers import EMAHandler
+
+    warm = EMAWarmup(momentum=0.01, power=2 / 3)
+    assert warm.value(0) == 1.0 and warm.value(7) == pytest.approx(8 ** (-2 / 3)) and warm.value(10**6) == 0.01
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            net.weight += 1.0  # the online weight after iteration t is t
+
+    engine = Engine(step)
+    ema = EMAHandler(net, momentum=0.01)
+    warm.attach(engine)  # before the EMAHandler: it must set the momentum this iteration's update reads
+    ema.attach(engine)
+    engine.run([0] * 3, max_epochs=1)
+    expect = 0.0
+    for t in (1, 2, 3):
+        m = (1 + t) ** (-2 / 3)
+        expect = (1 - m) * expect + m * t
+    assert float(ema.ema_model.weight) == pytest.approx(expect, rel=1e-6)
+    assert float(ema.ema_model.weight) > 1.5, "the EMA must follow the online weights (a constant 0.01 gives 0.06)"
+    assert engine.state.ema_momentum == pytest.approx(4 ** (-2 / 3))
+    with pytest.raises(ValueError, match="momentum"):
+        EMAWarmup(momentum=0.0)
 
 
 def test_sampling_is_deterministic(tmp_path):

@@ -3,13 +3,14 @@
 from tsdk_monai.engines.diffusion import (
     DiffusersInferer,
     DiffusionTrainer,
+    MinSNRLoss,
     diffusion_training_cases,
     load_weights,
 )
 from tsdk_monai.engines.sampler import SYNTHETIC_DATALIST, DiffusionSampler, encode_image, sample_images
 
 __all__ = [
-    "DiffusersInferer", "DiffusionTrainer", "diffusion_training_cases", "load_weights",
+    "DiffusersInferer", "DiffusionTrainer", "MinSNRLoss", "diffusion_training_cases", "load_weights",
     "SYNTHETIC_DATALIST", "DiffusionSampler", "encode_image", "sample_images",
 ]
 

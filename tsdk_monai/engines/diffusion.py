@@ -23,6 +23,7 @@ from tsdk_monai.utils import TSDKInputError, load_error
 __all__ = [
     "DiffusersInferer",
     "DiffusionTrainer",
+    "MinSNRLoss",
     "diffusion_training_cases",
     "load_weights",
 ]
@@ -61,6 +62,59 @@ class DiffusersInferer(Inferer):
         return network(noisy, timesteps, return_dict=False)[0]
 
 
+class _RecordTimesteps:
+    """Keeps the timesteps of the last batch a ``DiffusionPrepareBatch`` drew, for :class:`MinSNRLoss`."""
+
+    last_timesteps: torch.Tensor | None = None
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        self.last_timesteps = super().get_timesteps(images)  # type: ignore[misc]
+        return self.last_timesteps
+
+
+class _EpsilonPrepareBatch(_RecordTimesteps, DiffusionPrepareBatch):
+    pass
+
+
+class _VelocityPrepareBatch(_RecordTimesteps, VPredictionPrepareBatch):
+    pass
+
+
+class MinSNRLoss(torch.nn.Module):
+    """Mean squared error with each image weighted by the Min-SNR-gamma rule (Hang et al., ICCV 2023).
+
+    The weight of an image noised at timestep ``t`` is ``min(SNR(t), gamma) / SNR(t)`` for noise prediction and
+    ``min(SNR(t), gamma) / (SNR(t) + 1)`` for v-prediction, with ``SNR = alpha_bar / (1 - alpha_bar)``: the
+    nearly clean timesteps (fine texture) no longer dominate the gradient, and the mid-noise ones that form the
+    global layout get their share. The same weighting as diffusers' ``snr_gamma`` training scripts.
+
+    Args:
+        scheduler: the training ``DDPMScheduler`` (``alphas_cumprod``, ``prediction_type``).
+        gamma: the SNR cap (5 in the paper).
+        prepare_batch: the trainer's prepare-batch object, which records the timesteps of the batch.
+    """
+
+    def __init__(self, scheduler: Any, gamma: float, prepare_batch: _RecordTimesteps) -> None:
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+        self.scheduler, self.gamma, self.prepare_batch = scheduler, float(gamma), prepare_batch
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` loss weights of the timesteps."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        capped = snr.clamp(max=self.gamma)
+        return capped / snr if self.scheduler.config.prediction_type == "epsilon" else capped / (snr + 1)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        t = self.prepare_batch.last_timesteps
+        if t is None or t.shape[0] != pred.shape[0]:
+            raise RuntimeError("MinSNRLoss needs the timesteps of this batch from the trainer's prepare_batch")
+        per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (self.weights(t) * per_image).mean()
+
+
 class DiffusionTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` wired for DDPM training of a diffusers ``UNet2DModel``.
 
@@ -76,8 +130,9 @@ class DiffusionTrainer(SupervisedTrainer):
         network: ``UNet2DModel`` (optionally wrapped by DDP).
         optimizer: optimizer of the network's parameters.
         scheduler: diffusers ``DDPMScheduler`` (its ``num_train_timesteps`` and ``prediction_type`` are used).
-        loss_function: default ``torch.nn.MSELoss()``.
+        loss_function: default ``torch.nn.MSELoss()``, or :class:`MinSNRLoss` when ``snr_gamma`` is given.
         inferer: default ``DiffusersInferer(scheduler)``.
+        snr_gamma: weight the loss per image by Min-SNR-gamma (e.g. 5); ``None``: plain MSE.
         kwargs: every other ``SupervisedTrainer`` argument (``train_handlers``, ``amp``, ``epoch_length``, ...).
     """
 
@@ -91,23 +146,28 @@ class DiffusionTrainer(SupervisedTrainer):
         scheduler: Any,
         loss_function: Callable | None = None,
         inferer: Inferer | None = None,
+        snr_gamma: float | None = None,
         **kwargs: Any,
     ) -> None:
         num_train_timesteps = int(scheduler.config.num_train_timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":
-            prepare_batch = DiffusionPrepareBatch(num_train_timesteps=num_train_timesteps)
+            prepare_batch = _EpsilonPrepareBatch(num_train_timesteps=num_train_timesteps)
         elif prediction_type == "v_prediction":
-            prepare_batch = VPredictionPrepareBatch(scheduler=scheduler, num_train_timesteps=num_train_timesteps)
+            prepare_batch = _VelocityPrepareBatch(scheduler=scheduler, num_train_timesteps=num_train_timesteps)
         else:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
+        if loss_function is None:
+            loss_function = torch.nn.MSELoss() if snr_gamma is None else MinSNRLoss(scheduler, snr_gamma, prepare_batch)
+        elif snr_gamma is not None:
+            raise ValueError("give either loss_function or snr_gamma, not both")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
-            loss_function=loss_function if loss_function is not None else torch.nn.MSELoss(),
+            loss_function=loss_function,
             prepare_batch=prepare_batch,
             inferer=inferer if inferer is not None else DiffusersInferer(scheduler),
             **kwargs,
