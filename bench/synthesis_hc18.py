@@ -9,7 +9,7 @@ Steps, all through the bundle (``python -m monai.bundle run``), so the numbers a
    quality report (``quality.json`` + ``quality_grid.png``) with the noise baseline: the Fréchet distance, in the
    pooled LiteMedSAM encoder feature space, of Gaussian pixel noise with the data's mean and std.
 
-    # the acceptance run (~60 min training + ~15-25 min sampling and LiteMedSAM features on 2 CPU cores)
+    # the acceptance run (~60 min training + ~8 min sampling and LiteMedSAM features on 2 quiet CPU cores)
     python bench/synthesis_hc18.py
     # a smoke test (a few images, tiny UNet, seconds of training, a small stand-in feature extractor)
     python bench/synthesis_hc18.py --limit 40 --minutes 0.3 --image-size 32 --block-out-channels 16 32 32 \\
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "synthesis_hc18")
     ap.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget")
     ap.add_argument("--image-size", type=int, default=128)
-    # sized for 2 CPU cores: ~2.7M parameters, ~2 s per batch of 8 at 128x128 on a quiet machine (~1,800
-    # iterations in 60 min); the bundle's default UNet (32 64 128 128, batch 16) is ~5x slower per iteration
+    # sized for 2 CPU cores: ~2.7M parameters, ~0.67 s per batch of 8 at 128x128 on a quiet machine (~5,400
+    # iterations in 60 min, measured 2026-11-22); the bundle's default UNet (32 64 128 128, batch 16) is ~5x slower per iteration
     ap.add_argument("--block-out-channels", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
