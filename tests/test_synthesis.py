@@ -115,7 +115,7 @@ def test_min_snr_loss_weights_and_training(real_images):
         expect = torch.minimum(snr, torch.tensor(5.0)) / (snr if kind == "epsilon" else snr + 1)
         torch.testing.assert_close(loss.weights(t), expect.float())
         assert loss.weights(t)[0] < 0.01, "nearly clean images must be down-weighted"
-        # the per-image weighting is applied: zero error on the low-weight image moves the loss by its weight only
+        # the per-image weighting is applied: with a unit error on every image the loss is the mean of the weights
         pred, target = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)
         trainer.prepare_batch.last_timesteps = t
         torch.testing.assert_close(loss(pred, target), expect.float().mean())
