@@ -14,8 +14,10 @@ import contextlib
 from typing import Any, Mapping
 
 import torch
+from monai.engines import Trainer
+from monai.engines.workflow import Workflow
 
-__all__ = ["amp_dtype", "autocast", "grad_scaler", "backward_and_step"]
+__all__ = ["amp_dtype", "autocast", "grad_scaler", "backward_and_step", "AmpTrainer"]
 
 
 def amp_dtype(device: torch.device | str, amp_kwargs: Mapping[str, Any] | None = None) -> torch.dtype:
@@ -62,3 +64,13 @@ def backward_and_step(engine: Any) -> None:
         loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
+
+
+class AmpTrainer(Trainer):
+    """Base of the trainers whose iteration we write ourselves (``DistillationTrainer``, ``SSLTrainer``): their
+    ``_iteration`` uses :func:`autocast` and :func:`backward_and_step`, so ``run`` sets ``scaler`` by
+    :func:`grad_scaler` instead of ``Trainer.run``'s CUDA-only ``GradScaler``."""
+
+    def run(self) -> None:  # type: ignore[override]
+        self.scaler = grad_scaler(self.state.device, self.amp, self.amp_kwargs)
+        Workflow.run(self)

@@ -34,14 +34,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.transforms import MapTransform
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from tsdk_monai.engines.amp import autocast, backward_and_step, grad_scaler
+from tsdk_monai.engines.amp import AmpTrainer, autocast, backward_and_step
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes
 
 __all__ = [
@@ -283,7 +281,7 @@ def student_forward(network: nn.Module, x: torch.Tensor, need_features: bool) ->
     return logits, store["f"]
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AmpTrainer):
     """Knowledge distillation of a frozen ``teacher`` into ``network`` (the student), as a MONAI ``Trainer``.
 
     Args:
@@ -362,11 +360,6 @@ class DistillationTrainer(Trainer):
         loss = unwrap_module(loss_function)
         self.need_logits = bool(getattr(loss, "needs_logits", True))
         self.need_features = bool(getattr(loss, "needs_features", False))
-
-    def run(self) -> None:  # type: ignore[override]
-        """Run the training (``Trainer.run`` without its CUDA-only ``GradScaler``: see :func:`grad_scaler`)."""
-        self.scaler = grad_scaler(self.state.device, self.amp, self.amp_kwargs)
-        Workflow.run(self)
 
     # the teacher side of one iteration; public so tests and benchmarks can call it alone
     def get_teacher_targets(self, images: torch.Tensor, ids: Sequence[str] | None) -> dict[str, torch.Tensor]:

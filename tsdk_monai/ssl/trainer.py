@@ -27,13 +27,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from tsdk_monai.engines.amp import autocast, backward_and_step, grad_scaler
+from tsdk_monai.engines.amp import AmpTrainer, autocast, backward_and_step
 from tsdk_monai.engines.distill import unwrap_module as _unwrap
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes
 
@@ -149,7 +147,7 @@ def save_pretrained_student(ssl_model: nn.Module, student: nn.Module, path: str 
     return out
 
 
-class SSLTrainer(Trainer):
+class SSLTrainer(AmpTrainer):
     """Self-supervised pre-training of ``network`` (an objective from :func:`build_ssl_model`) as a MONAI ``Trainer``.
 
     Args:
@@ -206,11 +204,6 @@ class SSLTrainer(Trainer):
         self.image_key = image_key
         self.optim_set_to_none = optim_set_to_none
         self.num_views = int(getattr(_unwrap(network), "num_views", 1))
-
-    def run(self) -> None:  # type: ignore[override]
-        """Run the training (``Trainer.run`` without its CUDA-only ``GradScaler``: see ``engines.amp.grad_scaler``)."""
-        self.scaler = grad_scaler(self.state.device, self.amp, self.amp_kwargs)
-        Workflow.run(self)
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``num_views`` views ``(B, C, H, W)`` of ``images``: independent draws of ``augment`` per sample and view."""
