@@ -123,6 +123,21 @@ def _command(bundle: str, overrides: dict) -> list[str]:
     return cmd
 
 
+# The killed run sleeps after each iteration (after the iteration's log line), so the kill lands in the iteration the
+# test aimed at: without it, an epoch of cached teacher outputs at 32 px is faster than the 50 ms poll, and the run
+# could finish before the signal (CI, stop 12: "killed after epoch 3 of 3"). Prepended to the bundle's own "run" list.
+PACE = "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda e: time.sleep(0.25))"
+
+
+def _paced(bundle: str, overrides: dict) -> dict:
+    config = _config(bundle)
+    return dict(overrides, imports=config["imports"] + ["$import ignite", "$import time"], run=[PACE] + config["run"])
+
+
+def _config(bundle: str) -> dict:
+    return json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+
+
 def _kill_after_checkpoint(cmd: list[str], log: Path, ckpt: tuple[Path, str], sig: int, extra_iterations: int,
                            timeout: float = 400) -> tuple[str, float]:
     """Run ``cmd``; once a checkpoint exists, wait ``extra_iterations`` more iterations and send ``sig`` to its
@@ -165,7 +180,7 @@ def test_kill_and_resume(stage, tiny_data, tmp_path):
     overrides = dict(spec["overrides"], **{"train#trainer#max_epochs": spec["epochs"]})
     if overrides.get("teacher_ckpt") == "TEACHER":
         overrides["teacher_ckpt"] = str(_teacher_dir(tmp_path))
-    cmd = _command(spec["bundle"], overrides)
+    cmd = _command(spec["bundle"], _paced(spec["bundle"], overrides))
     rng = np.random.default_rng(STAGE_NAMES.index(stage))
     extra = int(rng.integers(1, 2 * (spec["epochs"] - 1)))  # iterations after the first checkpoint, before the end
     _, seconds = _kill_after_checkpoint(cmd, tmp_path / "killed.log", spec["ckpt"], spec["signal"], extra)
