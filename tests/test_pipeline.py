@@ -135,7 +135,7 @@ def test_every_method_runs_end_to_end(full_run):
             metrics = json.loads((run / m / "eval" / "metrics.json").read_text())
             assert 0 <= metrics["mean"]["test_mean_dice"] <= 1, m
             assert (run / m / "models" / "model.pt").is_file()
-        assert (run / "teacher" / "test" / "metrics.csv").is_file()
+        assert (run / "teacher" / "test" / "metrics.json").is_file()
         assert len(load_datalist(work / "splits" / f"seed0_n{n}" / "datalist.json")["training"]) == n
     for m in ("mae", "mocov3"):
         assert (work / "seed0" / "shared" / m / "pretrain" / "student_pretrained.pt").is_file()
@@ -179,6 +179,8 @@ def test_report_has_every_row_and_plots(full_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     rows = json.loads((work / "report.json").read_text())["rows"]
     assert {(r["method"], r["n_labeled"]) for r in rows} == {(m, n) for m in METHODS for n in N_LABELED}
+    teacher = [r for r in rows if r["method"] == "teacher"]
+    assert all(r["hd95_mean"] is not None and r["hd95_mean"] >= 0 for r in teacher), teacher  # from its metrics.json
 
 
 @pytest.mark.slow

@@ -193,10 +193,15 @@ def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
         assert net(x).shape == (1, 2, 64, 64)
 
     run_bundle("tsdk_teacher", ["train.json", "evaluate.json"], common)
-    assert (tmp_path / "eval" / "metrics.csv").is_file()
-    dice = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()
-    n_test = len(json.loads(demo_datalist.read_text())["test"])
-    assert len(dice) == n_test + 1  # header + one row per test case
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # the student bundle's layout
+    data = json.loads(demo_datalist.read_text())
+    n_test, (foreground,) = len(data["test"]), [v for k, v in data["labels"].items() if k != "0"]
+    assert len(metrics["cases"]) == n_test
+    for name in ("test_mean_dice", "test_hd95"):
+        per_case = [c[name][foreground] for c in metrics["cases"]]
+        assert all(v is not None and v >= 0 for v in per_case), (name, per_case)
+        assert metrics["mean"][name] == pytest.approx(np.mean(per_case), rel=1e-5), name
+    assert 0 <= metrics["mean"]["test_mean_dice"] <= 1
 
     out = tmp_path / "infer"
     run_bundle("tsdk_teacher", ["inference.json"], dict(common, output_dir=str(out)))

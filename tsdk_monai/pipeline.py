@@ -479,7 +479,7 @@ def tskd_stages(
     teacher_eval = Stage(f"{prefix}teacher_eval", "tsdk_teacher", ["train.json", "evaluate.json"], {
         **data(datalist), "ckpt_dir": str(tdir / "models"), "output_dir": str(tdir / "test"),
         "image_size": s.teacher_size, **extra("tsdk_teacher"),
-    }, [tdir / "test" / "metrics.csv"], inputs=[datalist, teacher_models], clean=[tdir / "test"])
+    }, [tdir / "test" / "metrics.json"], inputs=[datalist, teacher_models], clean=[tdir / "test"])
 
     syn = sh / "synthesis"
     synth_common = {**data(pool), "ckpt_dir": str(syn / "models"), "output_dir": str(syn / "synthetic"),

@@ -1,7 +1,7 @@
 """The comparison report of a ``tsdk run`` folder: ``W/report.md`` and the plots in ``W/plots/``.
 
 Everything is read from what the stages wrote: each student's ``eval/metrics.json`` (``tsdk_student`` evaluate:
-Dice and HD95 on the test split), the teacher's ``test/metrics.csv`` (``tsdk_teacher`` evaluate), the stage
+Dice and HD95 on the test split), the teacher's ``test/metrics.json`` (``tsdk_teacher`` evaluate, the same), the stage
 markers in ``W/logs`` (seconds per stage) and ``W/run.json`` (the plan: methods, seeds, numbers of labels, sizes).
 Two things are measured here: parameter counts and CPU inference time per image of the networks (forward of one
 image at the run's size, median of a few repeats, in this process, so teacher and student are timed on the same
@@ -45,19 +45,10 @@ def _read_manifest(workdir: Path) -> dict[str, Any]:
         raise TSDKInputError(f"{f}: not valid JSON ({exc})") from exc
 
 
-def _teacher_dice(run_dir: Path) -> float | None:
-    f = run_dir / "teacher" / "test" / "metrics.csv"
-    if not f.is_file():
-        return None
-    for line in f.read_text().splitlines():
-        parts = line.replace(",", "\t").split("\t")
-        if len(parts) > 1 and parts[0].endswith("mean_dice"):
-            return float(parts[1])
-    raise TSDKInputError(f"{f}: no mean Dice line in the teacher's metrics")
-
-
-def _student_metrics(run_dir: Path, method: str) -> tuple[float, float | None] | None:
-    f = run_dir / method / "eval" / "metrics.json"
+def _metrics(run_dir: Path, method: str) -> tuple[float, float | None] | None:
+    """(mean test Dice, mean test HD95 or None) of one method of one run, from the ``metrics.json`` its evaluation
+    wrote (``tsdk_teacher`` and ``tsdk_student`` evaluate write the same layout); None when not evaluated yet."""
+    f = run_dir / "teacher" / "test" / "metrics.json" if method == "teacher" else run_dir / method / "eval" / "metrics.json"
     if not f.is_file():
         return None
     try:
@@ -65,7 +56,7 @@ def _student_metrics(run_dir: Path, method: str) -> tuple[float, float | None] |
         hd = mean.get("test_hd95")
         return float(mean["test_mean_dice"]), (None if hd is None or not math.isfinite(hd) else float(hd))
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise TSDKInputError(f"{f}: not a tsdk_student metrics file ({type(exc).__name__}: {exc})") from exc
+        raise TSDKInputError(f"{f}: not a tsdk metrics file ({type(exc).__name__}: {exc})") from exc
 
 
 def _stage_seconds(workdir: Path, names: Sequence[str]) -> float | None:
@@ -95,11 +86,7 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                 if run is None:
                     continue
                 run_dir = Path(run["dir"])
-                if m == "teacher":
-                    d = _teacher_dice(run_dir)
-                    res = None if d is None else (d, None)
-                else:
-                    res = _student_metrics(run_dir, m)
+                res = _metrics(run_dir, m)
                 secs = _stage_seconds(w, manifest["stages"].get(m, {}).get(key, []))
                 if res is not None:
                     per_seed.append({"seed": seed, "dice": res[0], "hd95": res[1], "seconds": secs})
@@ -306,7 +293,7 @@ def _table(rows: list[dict[str, Any]], nets: dict[str, dict[str, Any]], n_seeds:
         net = nets.get("teacher" if r["method"] == "teacher" else "student", {})
         params = f"{net['params'] / 1e6:.2f} M" if net else "n/a"
         speed = f"{net['ms']:.1f} ({net['size']} px)" if net else "n/a"
-        hd = "not computed" if r["method"] == "teacher" and r["runs"] else _fmt(r["hd95_mean"], r["hd95_std"], 1)
+        hd = _fmt(r["hd95_mean"], r["hd95_std"], 1)
         mins = "n/a" if r["seconds_mean"] is None else f"{r['seconds_mean'] / 60:.1f}"
         label = METHOD_LABELS.get(r["method"], r["method"])
         dice = _fmt(r["dice_mean"], r["dice_std"], 3) if r["runs"] else "not run"
