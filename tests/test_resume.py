@@ -274,6 +274,59 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- determinism
+def test_resumed_run_keeps_the_best_model(tmp_path):
+    """The best-model saver's record (score, file) travels in the resume checkpoint, as the student bundle wires it:
+    after resuming, a worse validation leaves ``model.pt`` alone and a better one replaces it. A resume checkpoint
+    without that record (an older bundle version) is refused with an error naming the file."""
+    from ignite.engine import Engine, Events
+
+    from tsdk_monai.handlers import CheckedCheckpointLoader
+    from tsdk_monai.utils import TSDKInputError
+
+    scores = [0.5, 0.9, 0.6, 0.95]  # validation Dice of epochs 1..4; the network's weight is set to the epoch
+
+    def run(max_epochs: int, resume: str | None) -> None:
+        net = torch.nn.Linear(1, 1, bias=False)
+        engine = Engine(lambda e, b: None)
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def validate(e):
+            net.weight.data.fill_(e.state.epoch)
+            e.state.metrics["dice"] = scores[e.state.epoch - 1]
+
+        best = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+                                     key_metric_name="dice", key_metric_filename="model.pt")
+        best.attach(engine)
+        state = {"model": net, "trainer": engine, "best_saver": best}
+        if resume:
+            CheckedCheckpointLoader(load_path=resume, load_dict=state).attach(engine)
+        AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict=state, file_prefix="", save_interval=1,
+                              n_saved=1).attach(engine)
+        engine.run([0], max_epochs=max_epochs)
+
+    def best_weight() -> float:
+        return torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item()
+
+    run(2, None)
+    assert best_weight() == 2
+    run(3, str(tmp_path / "checkpoint_epoch=2.pt"))  # 0.6 < 0.9: without the record this run's first save would win
+    assert best_weight() == 2
+    run(4, latest_checkpoint(tmp_path, "checkpoint"))
+    assert best_weight() == 4
+    assert latest_checkpoint(tmp_path, "checkpoint").endswith("checkpoint_epoch=4.pt")
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tmp_path / "checkpoint_epoch=4.pt", old / "checkpoint_epoch=4.pt")
+    ckpt = torch.load(old / "checkpoint_epoch=4.pt", weights_only=True)
+    del ckpt["best_saver"]
+    torch.save(ckpt, old / "checkpoint_epoch=4.pt")
+    with pytest.raises(TSDKInputError, match=r"checkpoint_epoch=4\.pt: .*best_saver"):
+        run(5, str(old / "checkpoint_epoch=4.pt"))
+    with pytest.raises(ValueError, match="no key-metric checkpoint"):
+        AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": torch.nn.Linear(1, 1)}).state_dict()
+
+
 def test_same_seed_same_split(tmp_path):
     from tsdk_monai.data import prepare, write_demo_data
 

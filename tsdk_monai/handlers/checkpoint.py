@@ -78,6 +78,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     Every checkpoint (interval, key-metric, final) is complete under its final name or absent; a kill at any moment
     leaves at worst a hidden ``.NAME.XXXX.tmp`` file, removed when the next run attaches its saver.
+
+    With ``save_key_metric``, the saver is also a stateful object (``state_dict``, and MONAI's ``load_state_dict``):
+    put it in a resume checkpoint's ``save_dict``/``load_dict`` and a resumed run keeps the best score so far, so it
+    overwrites the best model (``key_metric_filename``) only with a better one, not with its first validation.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -95,6 +99,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 p.unlink(missing_ok=True)
         super().attach(engine)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The key-metric checkpoint's record of what it saved (score, file name), as ignite's ``Checkpoint``."""
+        if self._key_metric_checkpoint is None:
+            raise ValueError("state_dict: this saver has no key-metric checkpoint (save_key_metric=False)")
+        return self._key_metric_checkpoint.state_dict()
 
 
 class CheckedCheckpointLoader(CheckpointLoader):
@@ -118,4 +127,9 @@ class CheckedCheckpointLoader(CheckpointLoader):
                 raise TSDKInputError(f"{path}: the weights do not fit the network ({first})") from exc
             if "PytorchStreamReader" in str(exc) or "zip" in str(exc):
                 raise TSDKInputError(f"{path}: not a complete checkpoint file ({first})") from exc
+            raise
+        except ValueError as exc:  # ignite: an object of load_dict is not in the file (a checkpoint of an older version)
+            if "is not found in" in str(exc):
+                raise TSDKInputError(f"{path}: does not hold every object this run restores ({exc}); written by "
+                                     "another version of the bundle?") from exc
             raise
