@@ -197,6 +197,8 @@ def test_kill_and_resume(stage, tiny_data, tmp_path):
     assert epochs == list(range(done + 1, spec["epochs"] + 1)), f"epochs run after resuming: {epochs} (done: {done})"
     final = latest_checkpoint(*spec["ckpt"])
     assert _epoch(final) == spec["epochs"]
+    # n_saved=1: the killed run's checkpoints are gone too, not only those the resumed run wrote
+    assert sorted(p.name for p in spec["ckpt"][0].glob("*epoch=*.pt")) == [Path(final).name]
     assert spec["final"].is_file()
     assert assert_complete(tmp_path) == [], "the resumed run removes temporaries left by the kill"
     print(f"{stage}: {signal.Signals(spec['signal']).name} after {seconds:.0f} s, {extra} iterations after the first "
@@ -313,7 +315,7 @@ def test_resumed_run_keeps_the_best_model(tmp_path):
     assert best_weight() == 2
     run(4, latest_checkpoint(tmp_path, "checkpoint"))
     assert best_weight() == 4
-    assert latest_checkpoint(tmp_path, "checkpoint").endswith("checkpoint_epoch=4.pt")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_epoch=4.pt"]  # n_saved=1
 
     old = tmp_path / "old"
     old.mkdir()

@@ -79,6 +79,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Every checkpoint (interval, key-metric, final) is complete under its final name or absent; a kill at any moment
     leaves at worst a hidden ``.NAME.XXXX.tmp`` file, removed when the next run attaches its saver.
 
+    Interval checkpoints older than the ones kept (``n_saved``) are removed even when an earlier, interrupted process
+    of the same run wrote them.
+
     With ``save_key_metric``, the saver is also a stateful object (``state_dict``, and MONAI's ``load_state_dict``):
     put it in a resume checkpoint's ``save_dict``/``load_dict`` and a resumed run keeps the best score so far, so it
     overwrites the best model (``key_metric_filename``) only with a better one, not with its first validation.
@@ -98,6 +101,28 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 logger.info("removing %s, left by an interrupted save", p)
                 p.unlink(missing_ok=True)
         super().attach(engine)
+
+    def interval_completed(self, engine: Any) -> None:
+        super().interval_completed(engine)
+        self._remove_superseded()
+
+    def _remove_superseded(self) -> None:
+        """Remove interval checkpoints of this saver's name older than every one it keeps. ignite's ``n_saved`` counts
+        only the files this process wrote: a resumed run would keep the checkpoints of the run it resumed."""
+        import glob
+
+        import ignite.distributed as idist
+
+        ckpt = self._interval_checkpoint
+        if ckpt.n_saved is None or not ckpt._saved or idist.get_rank() != 0:
+            return
+        oldest = ckpt._saved[0]  # ignite keeps them sorted by priority: the epoch or iteration
+        stem = oldest.filename.rsplit("=", 1)[0] + "="
+        for f in Path(self.save_dir).glob(glob.escape(stem) + "*." + ckpt.ext):
+            number = f.name[len(stem):-len(ckpt.ext) - 1]
+            if number.isdigit() and int(number) < oldest.priority:
+                logger.info("removing %s, superseded by %s", f.name, oldest.filename)
+                f.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The key-metric checkpoint's record of what it saved (score, file name), as ignite's ``Checkpoint``."""
