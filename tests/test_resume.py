@@ -125,7 +125,7 @@ def _command(bundle: str, overrides: dict) -> list[str]:
 
 # The killed run sleeps after each iteration (after the iteration's log line), so the kill lands in the iteration the
 # test aimed at: without it, an epoch of cached teacher outputs at 32 px is faster than the 50 ms poll, and the run
-# could finish before the signal (CI, stop 12: "killed after epoch 3 of 3"). Prepended to the bundle's own "run" list.
+# could finish before the signal (seen in CI: "killed after epoch 3 of 3"). Prepended to the bundle's own "run" list.
 PACE = "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda e: time.sleep(0.25))"
 
 
@@ -275,7 +275,6 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
     torch.load(tmp_path / "model_epoch=2.pt", weights_only=True)
 
 
-# ------------------------------------------------------------------------------------------- determinism
 def test_resumed_run_keeps_the_best_model(tmp_path):
     """The best-model saver's record (score, file) travels in the resume checkpoint, as the student bundle wires it:
     after resuming, a worse validation leaves ``model.pt`` alone and a better one replaces it. A resume checkpoint
@@ -329,6 +328,7 @@ def test_resumed_run_keeps_the_best_model(tmp_path):
         AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": torch.nn.Linear(1, 1)}).state_dict()
 
 
+# ------------------------------------------------------------------------------------------- determinism
 def test_same_seed_same_split(tmp_path):
     from tsdk_monai.data import prepare, write_demo_data
 

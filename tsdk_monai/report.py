@@ -48,7 +48,7 @@ def _read_manifest(workdir: Path) -> dict[str, Any]:
 def _metrics(run_dir: Path, method: str) -> tuple[float, float | None] | None:
     """(mean test Dice, mean test HD95 or None) of one method of one run, from the ``metrics.json`` its evaluation
     wrote (``tsdk_teacher`` and ``tsdk_student`` evaluate write the same layout); None when not evaluated yet."""
-    f = run_dir / "teacher" / "test" / "metrics.json" if method == "teacher" else run_dir / method / "eval" / "metrics.json"
+    f = run_dir / ("teacher/test" if method == "teacher" else f"{method}/eval") / "metrics.json"
     if not f.is_file():
         return None
     try:

@@ -153,7 +153,7 @@ class CheckedCheckpointLoader(CheckpointLoader):
             if "PytorchStreamReader" in str(exc) or "zip" in str(exc):
                 raise TSDKInputError(f"{path}: not a complete checkpoint file ({first})") from exc
             raise
-        except ValueError as exc:  # ignite: an object of load_dict is not in the file (a checkpoint of an older version)
+        except ValueError as exc:  # ignite: an object of load_dict is not in the file (an older version wrote it)
             if "is not found in" in str(exc):
                 raise TSDKInputError(f"{path}: does not hold every object this run restores ({exc}); written by "
                                      "another version of the bundle?") from exc
