@@ -98,12 +98,14 @@ class MinSNRLoss(torch.nn.Module):
         super().__init__()
         if gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0, got {gamma}")
+        from diffusers.training_utils import compute_snr  # here: only trainers with Min-SNR pay for its import
+
+        self.compute_snr = compute_snr
         self.scheduler, self.gamma, self.prepare_batch = scheduler, float(gamma), prepare_batch
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``(B,)`` loss weights of the timesteps."""
-        alpha_bar = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-        snr = alpha_bar / (1 - alpha_bar)
+        snr = self.compute_snr(self.scheduler, timesteps)  # diffusers' SNR(t) of its snr_gamma training scripts
         capped = snr.clamp(max=self.gamma)
         return capped / snr if self.scheduler.config.prediction_type == "epsilon" else capped / (snr + 1)
 
