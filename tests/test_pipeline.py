@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tsdk_monai.data import load_datalist, subset_datalist
+from helpers import BUNDLES
 from tsdk_monai.pipeline import METHODS, DemoSizes, StageRunner, bundle_arg, plan_runs, run_methods, tskd_stages
 from tsdk_monai.utils import TSDKInputError
 
@@ -226,3 +227,44 @@ def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
     assert "Epoch: 1/6," not in resumed and "Epoch: 6/6," in resumed, resumed[:3000]
     assert json.loads((work / "logs" / f"{stage}.stage.json").read_text())["state"] == "done"
     assert (work / "seed0" / "n6" / "scratch" / "eval" / "metrics.json").is_file()
+
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from tsdk_monai.pipeline import Stage, StageRunner
+work, data = Path(sys.argv[1]), Path(sys.argv[2])
+stage = Stage("scratch_finetune", "tsdk_student", ["train.json"], {
+    "dataset_dir": str(data.parent), "datalist": str(data), "ckpt_dir": str(work / "models"),
+    "output_dir": str(work / "eval"), "image_size": 32, "batch_size": 3, "train#trainer#max_epochs": 1},
+    [work / "models" / "model.pt"], inputs=[data], clean=[work / "models", work / "eval"])
+with StageRunner(work) as runner:
+    runner.run(stage)
+print("RAN" if runner.ran else "SKIPPED")
+"""
+
+
+@pytest.mark.slow
+def test_changed_package_code_reruns_the_stage(demo_datalist, tmp_path):
+    """A finished stage is not current once the package's code changes (here a loss, in a copy of the package that
+    the driver and its stages import): the next run does it again instead of reporting the old code's results."""
+    import shutil
+
+    import tsdk_monai
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(tsdk_monai.__file__).parent, pkg / "tsdk_monai", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(pkg), PYTHONWARNINGS="ignore", TSDK_BUNDLES=str(BUNDLES))
+
+    def drive() -> str:
+        proc = subprocess.run([sys.executable, "-c", _DRIVER, str(tmp_path / "w"), str(demo_datalist)],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert drive().strip().endswith("RAN")
+    assert drive().strip().endswith("SKIPPED")  # nothing changed
+    loss = pkg / "tsdk_monai" / "losses" / "kd.py"
+    loss.write_text(loss.read_text().replace("kl.mean() * t * t", "kl.mean() * (t * t)"))
+    out = drive()
+    assert "[redo] scratch_finetune: command, configs, inputs or code changed" in out and out.strip().endswith("RAN"), out

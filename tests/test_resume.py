@@ -341,16 +341,22 @@ def test_same_seed_same_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_same_student_weights_on_cpu(tiny_data, tmp_path):
-    """Two student trainings with the same seed (the bundle's set_determinism) give bit-identical weights (2 epochs
-    of 2 iterations: shuffling, random augmentation, initialisation and optimiser all play)."""
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_seed_sets_the_weights(stage, tiny_data, tmp_path):
+    """Every training bundle takes ``seed``: two runs with one seed give bit-identical weights on the CPU
+    (initialisation, shuffling, augmentation and optimiser all play), another seed gives other weights."""
+    from tsdk_monai.utils import read_state_dict
+
+    teacher = str(_teacher_dir(tmp_path))
     states = []
-    for name in ("a", "b"):
-        run_bundle("tsdk_student", ["train.json"], {
-            "dataset_dir": str(tiny_data), "ckpt_dir": str(tmp_path / name),
-            "output_dir": str(tmp_path / name / "eval"),
-            "image_size": 32, "batch_size": 2, "train#trainer#max_epochs": 2})
-        states.append(torch.load(latest_checkpoint(tmp_path / name, "checkpoint"), weights_only=True)["model"])
-    assert states[0].keys() == states[1].keys()
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        spec = _stages(tiny_data, tmp_path / name)[stage]
+        overrides = dict(spec["overrides"], seed=seed, **{"train#trainer#max_epochs": 1})
+        if overrides.get("teacher_ckpt") == "TEACHER":
+            overrides["teacher_ckpt"] = teacher
+        run_bundle(spec["bundle"], ["train.json"], overrides)
+        states.append(read_state_dict(spec["final"]))
+    assert states[0].keys() == states[1].keys() == states[2].keys()
     different = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
     assert not different, f"weights differ between two runs with the same seed: {different[:5]}"
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0]), "seed 1 gave the weights of seed 0"

