@@ -51,20 +51,26 @@ def _images_per_s(net: torch.nn.Module, x: torch.Tensor, batch_size: int, repeat
 def _epoch_time(student_name: str, teacher: torch.nn.Module, x: torch.Tensor, batch_size: int, cached: bool) -> float:
     from monai.data import DataLoader
 
-    from tsdk_monai.engines.distill import DistillationTrainer, TeacherCache
+    from monai.data import MetaTensor
+    from monai.engines import SupervisedTrainer
+
+    from tsdk_monai.engines import DistillationPrepareBatch, TeacherCache
+    from tsdk_monai.inferers import FeatureInferer
     from tsdk_monai.losses import TaskSpecificKDLoss
-    from tsdk_monai.networks.students import build_student
+    from tsdk_monai.networks import build_student
 
     torch.manual_seed(0)
     student = build_student(student_name, num_classes=2, img_size=x.shape[-1])
     loss = TaskSpecificKDLoss(student.feature_channels, 256)
     opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
-    data = [{"image": x[i], "id": f"img{i}"} for i in range(x.shape[0])]
+    ids = [f"img{i}" for i in range(x.shape[0])]
+    data = [{"image": MetaTensor(x[i], meta={"filename_or_obj": ids[i]})} for i in range(x.shape[0])]
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    cache = TeacherCache("memory") if cached else None
-    trainer = DistillationTrainer("cpu", 1, loader, student, teacher, opt, loss, teacher_cache=cache, id_key="id")
+    prepare = DistillationPrepareBatch(teacher, True, True, cache=TeacherCache("memory") if cached else None)
+    trainer = SupervisedTrainer("cpu", 1, loader, student, opt, loss, prepare_batch=prepare,
+                                inferer=FeatureInferer(True), decollate=False)
     if cached:  # fill the cache once, as the first epoch of a run does
-        trainer.get_teacher_targets(x, [d["id"] for d in data])
+        prepare.targets(x, ids)
     t0 = time.perf_counter()
     trainer.run()
     return time.perf_counter() - t0
@@ -86,9 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tsdk_monai.engines.distill import load_distill_teacher
-    from tsdk_monai.networks.students import build_student
-    from tsdk_monai.networks.teacher import LoRASegTeacher
+    from tsdk_monai.networks import LoRASegTeacher, build_student, load_distill_teacher
 
     if args.teacher_ckpt:
         teacher = load_distill_teacher(args.teacher_ckpt)

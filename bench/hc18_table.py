@@ -1,6 +1,6 @@
 """Benchmark: the full method table on HC18 fetal-head ultrasound (issue 9 acceptance).
 
-Every number comes from the stage bundles, composed by the driver (``tsdk_monai.pipeline.run_methods``, the code of
+Every number comes from the stage bundles, composed by the driver (``tsdk_monai.driver.run_methods``, the code of
 ``tsdk run``), so a row of the table is what ``tsdk run`` gives:
 
 1. ``tsdk prepare`` HC18 into a grouped split with seed 0 (test 20%, validation 10% of the exam groups) and a labelled
@@ -48,31 +48,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hc18"
+#: the data sets the bench knows: folder under ../shared/data and how `tsdk prepare` splits it
+DATASETS = {
+    "hc18": dict(prepare=dict(name="hc18")),
+    # PSFHS (intrapartum ultrasound, 2 classes, no patient ids): groups of 10 consecutive image ids, so near-duplicate
+    # frames of one acquisition session are unlikely to straddle splits (see bench/psfhs_table.py)
+    "psfhs": dict(prepare=dict(name="psfhs", group_pattern=r"img(\d{4})",
+                               class_names="background,pubic_symphysis,fetal_head")),
+}
 sys.path.insert(0, str(REPO))
 
-from tsdk_monai.pipeline import METHODS, DemoSizes, run_methods  # noqa: E402
+from tsdk_monai.driver import METHODS, PRESETS, Schedule, run_methods  # noqa: E402
 
-#: default: within 2 hours on 2 CPU cores (measured ~54 min; per-stage minutes in the module docstring)
-CPU = dict(
-    student="unet_small", student_size=128, teacher_size=128, teacher_epochs=8, teacher_batch=4,
-    synth_size=64, synth_epochs=8, synth_images=128, synth_steps=20, fid_real_images=48,
-    distill_epochs=2, ssl_epochs=1, student_epochs=8, batch_size=8, iterations_like=80,
-)
-#: --full: paper-scale schedule for a GPU machine
-FULL = dict(
-    student="unet_small", student_size=256, teacher_size=256, teacher_epochs=50, teacher_batch=8,
-    synth_size=128, synth_epochs=300, synth_images=1000, synth_steps=50, fid_real_images=512,
-    distill_epochs=100, ssl_epochs=200, student_epochs=100, batch_size=16, iterations_like=80,
-)
-#: --smoke: the bench end to end in minutes on a few dozen cases (checks the wiring, not the method)
-SMOKE = dict(
-    student="unet_small", student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2,
-    synth_size=32, synth_epochs=1, synth_images=4, synth_steps=2, fid_real_images=8,
-    distill_epochs=1, ssl_epochs=1, student_epochs=2, batch_size=4, iterations_like=None,
-    extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "train#batch_size": 8},
-           "tsdk_distill": {"train#batch_size": 4}, "tsdk_ssl": {"batch_size": 4}},
-)
+#: the schedules are the package's named presets (``tsdk run --preset cpu|full|smoke`` gives the same stages)
+CPU, FULL, SMOKE = PRESETS["cpu"], PRESETS["full"], PRESETS["smoke"]
 
 
 def _subset(data: Path, work: Path, limit: int) -> tuple[Path, Path]:
@@ -102,8 +91,10 @@ def _stage_minutes(work: Path) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HC18 folder with images/ and labels/")
-    ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "hc18_table")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="hc18")
+    ap.add_argument("--data", type=Path, default=None, help="the data folder with images/ and labels/ "
+                    "(default ../shared/data/DATASET)")
+    ap.add_argument("--work", type=Path, default=None, help="default bench/out/DATASET_table")
     ap.add_argument("--n-labeled", default=None, help="comma-separated (default 20,80; --full 20,40,80; --smoke 4,8)")
     ap.add_argument("--seeds", default=None, help="comma-separated (default 0; --full 0,1,2)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -113,16 +104,18 @@ def main(argv: list[str] | None = None) -> str:
     grp.add_argument("--smoke", action="store_true", help="tiny schedule: the bench end to end in minutes")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N HC18 pairs (smoke runs)")
     args = ap.parse_args(argv)
+    args.data = args.data or REPO.parent / "shared" / "data" / args.dataset
+    args.work = args.work or REPO / "bench" / "out" / f"{args.dataset}_table"
 
     preset = FULL if args.full else SMOKE if args.smoke else CPU
-    sizes = DemoSizes(**preset)
+    sizes = Schedule(**preset)
     if args.student:
         sizes.student = args.student
     n_labeled = args.n_labeled or ("20,40,80" if args.full else "4,8" if args.smoke else "20,80")
     seeds = args.seeds or ("0,1,2" if args.full else "0")
     ns = [int(n) for n in str(n_labeled).split(",")]
     if not (args.data / "images").is_dir():
-        raise SystemExit(f"{args.data}: HC18 not found (expected images/ and labels/ in it; see --data)")
+        raise SystemExit(f"{args.data}: {args.dataset} not found (expected images/ and labels/ in it; see --data)")
 
     from tsdk_monai.data import prepare
 
@@ -130,7 +123,8 @@ def main(argv: list[str] | None = None) -> str:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     images, labels = (args.data / "images", args.data / "labels") if args.limit is None else _subset(args.data, work, args.limit)
-    datalist = prepare(str(images), str(labels), str(work / "data"), n_labeled=max(ns), seed=0, name="hc18")
+    datalist = prepare(str(images), str(labels), str(work / "data"), n_labeled=max(ns), seed=0,
+                       **DATASETS[args.dataset]["prepare"])
     print(f"split: {datalist} ({time.time() - t0:.0f} s); schedule: "
           f"{'full (GPU)' if args.full else 'smoke' if args.smoke else 'CPU default'}; n_labeled {n_labeled}; "
           f"seeds {seeds}; threads {os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
@@ -141,8 +135,8 @@ def main(argv: list[str] | None = None) -> str:
     for name, mins in stages:
         print(f"  {name:<44s} {mins:7.2f}")
     print(f"  {'sum':<44s} {sum(m for _, m in stages):7.2f}")
-    print(f"\nHC18 method table ({len(ns)} numbers of labels x {len(seeds.split(','))} seed(s)); wall time of this "
-          f"invocation {total / 60:.1f} min\n")
+    print(f"\n{args.dataset} method table ({len(ns)} numbers of labels x {len(seeds.split(','))} seed(s)); wall time "
+          f"of this invocation {total / 60:.1f} min\n")
     print(table)
     print(f"\nreport: {work / 'report.md'}; plots: {work / 'plots'}")
     return table

@@ -34,7 +34,7 @@ import torch
 
 def before_fix(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of a LiteMedSAM teacher as it ran before the fix: NCHW weights, Conv2d and BatchNorm as two calls."""
-    from tsdk_monai.networks.vfm import set_tinyvit_fast_path
+    from tsdk_monai.networks.tinyvit import set_tinyvit_fast_path
 
     net = copy.deepcopy(net)
     net.encoder.backbone.to(memory_format=torch.contiguous_format)
@@ -93,12 +93,12 @@ def stage_costs(args) -> list[tuple[str, float]]:
         opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
         x = torch.rand(args.batch * 2, 1, s, s)
         with torch.no_grad():
-            targets = frozen.forward_with_embedding(x)
+            targets = frozen.forward_with_features(x)
 
         def step(student=student, loss=loss, opt=opt, x=x, targets=targets, cached=cached):
             if not cached:
                 with torch.no_grad():
-                    t_logits, t_emb = frozen.forward_with_embedding(x)
+                    t_logits, t_emb = frozen.forward_with_features(x)
             else:
                 t_logits, t_emb = targets
             opt.zero_grad(set_to_none=True)

@@ -39,7 +39,7 @@ def verify_metadata(bundle: str | Path, tmp_path: Path) -> None:
 
 def _arg(value: Any) -> str:
     """A command-line value for ``monai.bundle`` (fire parses Python literals: ``False``, not JSON's ``false``)."""
-    from tsdk_monai.pipeline import bundle_arg
+    from tsdk_monai.driver import bundle_arg
 
     return bundle_arg(value)
 

@@ -1,5 +1,5 @@
-"""Mixed precision and channels-last: the bundles' switches, and a real bfloat16 autocast step of the distillation
-trainer on the CPU (bfloat16 autocast works there; GPU runs use the same switches)."""
+"""Mixed precision and channels-last: the bundles' switches, and a real bfloat16 autocast step of the distillation's
+trainer on the CPU (``AutocastInferer``; bfloat16 autocast works there; GPU runs use the same switches)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from tsdk_monai.engines.amp import amp_dtype, autocast, grad_scaler
-from tsdk_monai.engines.distill import DistillationTrainer
+from tsdk_monai.engines import DistillationPrepareBatch, amp_dtype, autocast
+from tsdk_monai.inferers import AutocastInferer, FeatureInferer
 from tsdk_monai.losses import TaskSpecificKDLoss
 from tsdk_monai.networks.students import build_student
 
@@ -21,9 +21,6 @@ SIZE = 32
 def test_amp_helpers():
     assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
     assert amp_dtype("cpu", {"dtype": "float16"}) == torch.float16
-    assert grad_scaler("cpu", True, {"dtype": torch.float16}) is None  # no CUDA: nothing to scale
-    assert grad_scaler("cuda", True, {"dtype": torch.bfloat16}) is None  # bfloat16 needs no loss scaling
-    assert grad_scaler("cuda", False, {"dtype": torch.float16}) is None
     with autocast("cpu", True, {"dtype": torch.bfloat16}):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with autocast("cpu", False, {"dtype": torch.bfloat16}):
@@ -40,13 +37,17 @@ def _distill_steps(amp: bool) -> tuple[list[torch.dtype], list[float], torch.nn.
     opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
     data = [{"image": torch.rand(1, SIZE, SIZE)} for _ in range(4)]
     loader = torch.utils.data.DataLoader(data, batch_size=2)
-    trainer = DistillationTrainer("cpu", 1, loader, student, teacher, opt, loss, amp=amp,
-                                  amp_kwargs={"dtype": torch.bfloat16})
+    from monai.engines import SupervisedTrainer
+
+    kwargs = {"dtype": torch.bfloat16}
+    trainer = SupervisedTrainer(
+        "cpu", 1, loader, student, opt, loss, decollate=False, amp=amp, amp_kwargs=kwargs,
+        prepare_batch=DistillationPrepareBatch(teacher, True, True, amp=amp, amp_kwargs=kwargs),
+        inferer=AutocastInferer(FeatureInferer(True), enabled=amp, amp_kwargs=kwargs))
     dtypes, losses = [], []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (dtypes.append(e.state.output["pred"].dtype),
-                                                                     losses.append(e.state.output["loss"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (
+        dtypes.append(e.state.output["pred"]["logits"].dtype), losses.append(e.state.output["loss"])))
     trainer.run()
-    assert trainer.scaler is None
     return dtypes, losses, student, before
 
 
@@ -74,9 +75,8 @@ def test_bundle_amp_and_channels_last_switches(bundle):
     assert parser.get_parsed_content("memory_format") == torch.preserve_format
     parser["amp"], parser["amp_dtype"], parser["channels_last"] = True, "float16", True
     parser["num_classes"] = 2
-    for path in ("image_size", "img_size"):
-        if path in parser:
-            parser[path] = SIZE if bundle != "tsdk_teacher" else 64
+    parser["image_size"] = SIZE if bundle != "tsdk_teacher" else 64
+    parser["device"] = "$torch.device('cpu')"  # not the process group of a torchrun launch (no torchrun here)
     assert parser.get_parsed_content("train#trainer#amp") is True
     assert parser.get_parsed_content("train#trainer#amp_kwargs") == {"dtype": torch.float16}
     if bundle != "tsdk_synthesis":

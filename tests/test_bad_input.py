@@ -399,15 +399,15 @@ PIPELINES = {
                       ("image", "label")),
     "teacher_inference": ("tsdk_teacher", ["inference.json"], "preprocessing", {}, ("image",)),
     "synthesis_train": ("tsdk_synthesis", ["train.json"], "preprocessing", {"image_size": 32}, ("image",)),
-    "distill_train": ("tsdk_distill", ["train.json"], "preprocessing", {"num_classes": 2, "img_size": 32}, ("image",)),
-    "distill_validate": ("tsdk_distill", ["train.json"], "validate#preprocessing", {"num_classes": 2, "img_size": 32},
+    "distill_train": ("tsdk_distill", ["train.json"], "preprocessing", {"num_classes": 2, "image_size": 32}, ("image",)),
+    "distill_validate": ("tsdk_distill", ["train.json"], "validate#preprocessing", {"num_classes": 2, "image_size": 32},
                          ("image", "label")),
     "student_train": ("tsdk_student", ["train.json"], "train#preprocessing", {"num_classes": 2, "image_size": 32},
                       ("image", "label")),
     "student_inference": ("tsdk_student", ["inference.json"], "preprocessing", {}, ("image",)),
 }
 if (BUNDLES / "tsdk_ssl" / "configs" / "train.json").is_file():
-    PIPELINES["ssl_train"] = ("tsdk_ssl", ["train.json"], "train#preprocessing", {"img_size": 32}, ("image",))
+    PIPELINES["ssl_train"] = ("tsdk_ssl", ["train.json"], "train#preprocessing", {"image_size": 32}, ("image",))
 
 
 @pytest.fixture(scope="module")
@@ -550,19 +550,19 @@ def test_teacher_bundle(works, demo, tmp_path):
 def test_synthesis_bundle(works, demo, tmp_path):
     common = {"ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs"),
               "output_dir": str(tmp_path / "synthetic"), "image_size": 32,
-              "network_def#block_out_channels": [8, 16, 16, 16], "train#batch_size": 16, "train#trainer#max_epochs": 1}
+              "network_def#block_out_channels": [8, 16, 16, 16], "batch_size": 16, "train#trainer#max_epochs": 1}
     run_bundle("tsdk_synthesis", ["train.json"], {**common, "dataset_dir": str(works.parent)})
     _finite_state(tmp_path / "models" / "model.pt")
 
 
 @pytest.mark.slow
 def test_distill_bundle(works, demo, tmp_path):
-    from tsdk_monai.networks.teacher import LoRASegTeacher, save_teacher
+    from tsdk_monai.networks import LoRASegTeacher, save_teacher
 
     torch.manual_seed(0)
     save_teacher(LoRASegTeacher(num_classes=2, img_size=64), tmp_path / "teacher" / "teacher")
-    common = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"), "img_size": 32,
-              "teacher_ckpt": str(tmp_path / "teacher"), "use_unlabeled": False, "train#batch_size": 6,
+    common = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "eval"), "image_size": 32,
+              "teacher_ckpt": str(tmp_path / "teacher"), "use_unlabeled": False, "batch_size": 6,
               "train#trainer#max_epochs": 1}
     run_bundle("tsdk_distill", ["train.json"], {**common, "dataset_dir": str(works.parent)})
     _finite_state(tmp_path / "models" / "student_distilled.pt")
@@ -633,7 +633,7 @@ def test_pickle_bearing_checkpoint_is_refused(loader, tmp_path):
 
 
 def test_pickle_bearing_teacher_is_refused(tmp_path):
-    from tsdk_monai.networks.teacher import LoRASegTeacher, load_teacher, save_teacher
+    from tsdk_monai.networks import LoRASegTeacher, load_teacher, save_teacher
 
     folder = save_teacher(LoRASegTeacher(num_classes=2, img_size=64), tmp_path / "teacher")
     _evil_checkpoint(folder / "model.pt", tmp_path / "PWNED", torch.load(folder / "model.pt", weights_only=True))

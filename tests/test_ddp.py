@@ -92,7 +92,7 @@ def test_teacher_ddp(demo_datalist, tmp_path):
 def test_synthesis_ddp(demo_datalist, tmp_path):
     o = {"dataset_dir": str(demo_datalist.parent), "ckpt_dir": str(tmp_path / "models"),
          "log_dir": str(tmp_path / "logs"), "output_dir": str(tmp_path / "synthetic"), "image_size": 32,
-         "network_def#block_out_channels": [16, 32, 32], "train#batch_size": 4, "train#trainer#max_epochs": 1}
+         "network_def#block_out_channels": [16, 32, 32], "batch_size": 4, "train#trainer#max_epochs": 1}
     logs = _run_ddp("tsdk_synthesis", o, tmp_path / "ranks")
     _check_ranks(logs, tmp_path / "ranks", ("Saved checkpoint at epoch: 1", "saved final checkpoint"))
     assert _files(tmp_path / "models") == ["checkpoint_epoch=1.pt", "model.pt"]
@@ -102,7 +102,7 @@ def test_synthesis_ddp(demo_datalist, tmp_path):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A teacher stage's ckpt_dir: LiteMedSAM + LoRA at 64x64 (untrained decoder: the DDP logic is the same)."""
-    from tsdk_monai.networks.teacher import LoRASegTeacher, save_teacher
+    from tsdk_monai.networks import LoRASegTeacher, save_teacher
 
     torch.manual_seed(0)
     ckpt_dir = tmp_path_factory.mktemp("ddp_teacher") / "models"
@@ -114,7 +114,7 @@ def test_distill_ddp(demo_datalist, teacher_ckpt, tmp_path):
     """The KD loss's projection is DDP-wrapped with the student, so it must agree across ranks too."""
     o = {"dataset_dir": str(demo_datalist.parent), "ckpt_dir": str(tmp_path / "models"),
          "output_dir": str(tmp_path / "eval"), "teacher_ckpt": str(teacher_ckpt / "teacher" / "model.pt"),
-         "img_size": 64, "train#batch_size": 2, "train#trainer#max_epochs": 1, "use_unlabeled": False}
+         "image_size": 64, "batch_size": 2, "train#trainer#max_epochs": 1, "use_unlabeled": False}
     logs = _run_ddp("tsdk_distill", o, tmp_path / "ranks")
     _check_ranks(logs, tmp_path / "ranks", ("Saved checkpoint at epoch: 1", "saved the distilled student"))
     w = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)

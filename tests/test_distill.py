@@ -1,4 +1,5 @@
-"""The distillation trainer, the teacher cache, the transfer set and the tsdk_distill bundle."""
+"""The distillation on MONAI's trainer (prepare-batch with teacher targets, feature inferer, KD loss), the teacher cache,
+the transfer set and the tsdk_distill bundle."""
 
 from __future__ import annotations
 
@@ -13,14 +14,11 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged, RandFlipd, ScaleIntensityRanged
 
 from helpers import run_bundle, verify_metadata
-from tsdk_monai.engines.distill import (
-    DistillationTrainer,
-    TeacherCache,
-    TeacherTargets,
-    build_transfer_set,
-    resolve_teacher_dir,
-)
+from tsdk_monai.data import build_transfer_set
+from tsdk_monai.engines import DistillationPrepareBatch, TeacherCache, teacher_targets
+from tsdk_monai.inferers import FeatureInferer
 from tsdk_monai.losses import TaskAgnosticKDLoss, TaskSpecificKDLoss
+from tsdk_monai.networks import resolve_teacher_dir
 from tsdk_monai.networks.students import build_student, load_student_weights
 from tsdk_monai.utils import TSDKInputError
 
@@ -31,7 +29,7 @@ BUNDLE = "tsdk_distill"
 @pytest.fixture(scope="module")
 def teacher():
     """A real (untrained-decoder) LiteMedSAM LoRA teacher at 64x64, the cheapest real teacher."""
-    from tsdk_monai.networks.teacher import LoRASegTeacher
+    from tsdk_monai.networks import LoRASegTeacher
 
     torch.manual_seed(0)
     return LoRASegTeacher(num_classes=2, img_size=64).eval().requires_grad_(False)
@@ -40,7 +38,7 @@ def teacher():
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory, teacher):
     """A teacher stage's ckpt_dir, written by the teacher module's own save function."""
-    from tsdk_monai.networks.teacher import save_teacher
+    from tsdk_monai.networks import save_teacher
 
     ckpt_dir = tmp_path_factory.mktemp("teacher") / "models"
     save_teacher(teacher, ckpt_dir / "teacher")
@@ -57,6 +55,18 @@ def _loader(datalist: Path, n: int = 4) -> DataLoader:
     return DataLoader(Dataset(items, tf), batch_size=2, shuffle=False, num_workers=0)
 
 
+def _distillation_trainer(loader, student, teacher, loss, epochs, **prepare):
+    """The tsdk_distill bundle's trainer: MONAI's SupervisedTrainer, teacher targets from the prepare-batch."""
+    from monai.engines import SupervisedTrainer
+
+    opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
+    return SupervisedTrainer(
+        device="cpu", max_epochs=epochs, train_data_loader=loader, network=student, optimizer=opt, loss_function=loss,
+        prepare_batch=DistillationPrepareBatch(teacher, loss.needs_logits, loss.needs_features, **prepare),
+        inferer=FeatureInferer(loss.needs_features), decollate=False,
+    )
+
+
 def _train(datalist, teacher, cache, epochs=2, kind="task_specific"):
     torch.manual_seed(0)
     student = build_student("unet_small", num_classes=2, img_size=64)
@@ -64,11 +74,7 @@ def _train(datalist, teacher, cache, epochs=2, kind="task_specific"):
         loss = TaskSpecificKDLoss(student.feature_channels, 256)
     else:
         loss = TaskAgnosticKDLoss(student.feature_channels, 256)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(loss.parameters()), lr=1e-3)
-    trainer = DistillationTrainer(
-        device="cpu", max_epochs=epochs, train_data_loader=_loader(datalist), network=student, teacher=teacher,
-        optimizer=opt, loss_function=loss, teacher_cache=cache,
-    )
+    trainer = _distillation_trainer(_loader(datalist), student, teacher, loss, epochs, cache=cache)
     losses, calls = [], []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     hook = getattr(teacher, "encoder", teacher).register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -94,7 +100,7 @@ def test_cached_and_online_teacher_give_the_same_loss(demo_datalist, teacher, tm
     assert memory_cache.hits == 4 and memory_cache.misses == 4 and len(memory_cache) == 4
     assert len(disk_cache) == 4
     for f in (tmp_path / "cache").glob("*.pt"):  # disk entries load safely
-        assert set(torch.load(f, weights_only=True)) == {"teacher_logits", "teacher_features"}
+        assert set(torch.load(f, weights_only=True)) == {"logits", "features"}
     # a fresh disk cache with the same tag reuses the files: no teacher call at all
     again = TeacherCache("disk", cache_dir=tmp_path / "cache", tag="t")
     _, again_calls, _, _ = _train(demo_datalist, teacher, again, epochs=1)
@@ -116,61 +122,43 @@ def test_task_agnostic_trainer_uses_the_frozen_vfm_encoder(demo_datalist):
 
 
 def test_cache_needs_image_ids(teacher):
-    trainer_like = DistillationTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[{"image": torch.rand(1, 1, 64, 64)}],
-        network=build_student("unet_small", img_size=64), teacher=teacher,
-        optimizer=torch.optim.SGD(build_student("unet_small").parameters(), lr=0.1),
-        loss_function=TaskSpecificKDLoss(256, 256), teacher_cache=TeacherCache("memory"),
-    )
+    prepare = DistillationPrepareBatch(teacher, True, True, cache=TeacherCache("memory"))
     with pytest.raises(TSDKInputError, match="identifier"):
-        trainer_like.get_teacher_targets(torch.rand(1, 1, 64, 64), None)
+        prepare({"image": torch.rand(1, 1, 64, 64)}, "cpu")
     with pytest.raises(ValueError, match="cache mode"):
         TeacherCache("gpu")
 
 
 def test_joint_augmentation_keeps_targets_aligned(teacher):
-    aug = RandFlipd(keys=["image", "teacher_logits", "teacher_features"], prob=1.0, spatial_axis=1,
-                    allow_missing_keys=True)
-    trainer = DistillationTrainer(
-        device="cpu", max_epochs=1, train_data_loader=[], network=build_student("unet_small", img_size=64),
-        teacher=teacher, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
-        loss_function=TaskSpecificKDLoss(256, 256), augment=aug,
-    )
+    aug = RandFlipd(keys=["image", "logits", "features"], prob=1.0, spatial_axis=1, allow_missing_keys=True)
     x = torch.rand(2, 1, 64, 64)
-    targets = trainer.get_teacher_targets(x, None)
-    x_aug, t_aug = trainer._augment(x, targets)
+    plain = DistillationPrepareBatch(teacher, True, True)({"image": x}, "cpu")[1]
+    x_aug, t_aug = DistillationPrepareBatch(teacher, True, True, augment=aug)({"image": x}, "cpu")
     torch.testing.assert_close(x_aug, x.flip(-1))
-    torch.testing.assert_close(t_aug["teacher_logits"], targets["teacher_logits"].flip(-1))
-    torch.testing.assert_close(t_aug["teacher_features"], targets["teacher_features"].flip(-1))
+    torch.testing.assert_close(t_aug["logits"], plain["logits"].flip(-1))
+    torch.testing.assert_close(t_aug["features"], plain["features"].flip(-1))
 
 
-def test_teacher_targets_adapter():
-    """Teachers returning a tensor, a dict or a tuple, or exposing forward_with_features, all work."""
-
-    class DictTeacher(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = build_student("unet_small", img_size=32)
-
-        def forward(self, x):
-            logits, feats = self.net.forward_with_features(x)
-            return {"logits": logits, "embedding": feats}
-
-    x = torch.rand(1, 1, 32, 32)
-    targets = TeacherTargets()
-    student_teacher = build_student("unet_small", img_size=32).eval()
-    ref_logits, ref_feats = student_teacher.forward_with_features(x)
-    out = targets(student_teacher, x, True, True)
-    torch.testing.assert_close(out["teacher_logits"], ref_logits)
-    torch.testing.assert_close(out["teacher_features"], ref_feats)
-    assert set(targets(student_teacher, x, True, False)) == {"teacher_logits"}
-    d = DictTeacher().eval()
-    out = targets(d, x, True, True)
-    assert out["teacher_logits"].shape == (1, 2, 32, 32) and out["teacher_features"].shape == (1, 256, 2, 2)
+def test_teachers_and_students_speak_one_protocol(teacher):
+    """``teacher_targets`` calls forward, forward_features or forward_with_features, whichever the loss needs; the
+    feature inferer reads a student's features through forward (as DDP needs)."""
+    x = torch.rand(1, 1, 64, 64)
+    ref_logits, ref_feats = teacher.forward_with_features(x)
+    both = teacher_targets(teacher, x, True, True)
+    torch.testing.assert_close(both["logits"], ref_logits)
+    torch.testing.assert_close(both["features"], ref_feats)
+    torch.testing.assert_close(teacher_targets(teacher, x, False, True)["features"], teacher.forward_features(x))
+    assert set(teacher_targets(teacher, x, True, False)) == {"logits"}
+    student = build_student("unet_small", img_size=64).eval()
+    s_logits, s_feats = student.forward_with_features(x)
+    out = FeatureInferer(True)(x, student)
+    torch.testing.assert_close(out["logits"], s_logits)
+    torch.testing.assert_close(out["features"], s_feats)
+    assert FeatureInferer(False)(x, student)["features"] is None
     with pytest.raises(TSDKInputError, match="input size"):  # logits must come at the input size
-        targets(torch.nn.Conv2d(1, 4, 3, stride=2), x, True, False)
-    with pytest.raises(TSDKInputError, match="no features"):  # a bare segmentation net has no embedding
-        targets(torch.nn.Conv2d(1, 4, 3, padding=1), x, True, True)
+        teacher_targets(torch.nn.Conv2d(1, 4, 3, stride=2), x, True, False)
+    with pytest.raises(TypeError, match="features_module"):
+        FeatureInferer(True)(x, torch.nn.Conv2d(1, 4, 3, padding=1))
 
 
 def test_transfer_set_parts(demo_datalist, tmp_path):
@@ -218,8 +206,8 @@ def _overrides(demo_datalist, out: Path, **extra):
         "dataset_dir": str(Path(demo_datalist).parent),
         "ckpt_dir": str(out / "models"),
         "output_dir": str(out / "eval"),
-        "img_size": 64,
-        "train#batch_size": 2,
+        "image_size": 64,
+        "batch_size": 2,
         "train#trainer#max_epochs": 1,
         "use_unlabeled": False,  # the 6 labelled-pool images: 3 iterations
     }
@@ -265,15 +253,15 @@ def test_bundle_task_specific(demo_datalist, teacher_ckpt, tmp_path, student):
 @pytest.mark.slow
 def test_bundle_task_agnostic(demo_datalist, tmp_path):
     out = tmp_path / "agnostic"
-    o = _overrides(demo_datalist, out, student="unet_small", vfm_img_size=64)
+    o = _overrides(demo_datalist, out, student="unet_small", vfm_image_size=64)
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json"], o)
     _check_student(out, "unet_small")
     assert (out / "models" / "distill" / "checkpoint_epoch=1.pt").is_file()
     # an interrupted or extended run resumes from its last checkpoint instead of starting over
     proc = run_bundle(BUNDLE, ["train.json", "task_agnostic.json"], {**o, "train#trainer#max_epochs": 2})
     log = proc.stdout + proc.stderr
-    assert "DistillationTrainer - INFO - Epoch[2] Complete" in log
-    assert "DistillationTrainer - INFO - Epoch[1] Complete" not in log
+    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log
+    assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in log
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json", "evaluate.json"], o)
     metrics = (out / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in metrics and "teacher_agreement" not in metrics

@@ -11,6 +11,11 @@ from tsdk_monai.networks.students import build_student
 torch.set_num_threads(2)
 
 
+def _pair(s_logits=None, t_logits=None, s_feats=None, t_feats=None):
+    """The loss's two arguments: the student's and the teacher's ``{"logits", "features"}``."""
+    return {"logits": s_logits, "features": s_feats}, {"logits": t_logits, "features": t_feats}
+
+
 def _identity_projection(loss: TaskSpecificKDLoss) -> None:
     with torch.no_grad():
         w = loss.projection.proj.weight
@@ -27,7 +32,7 @@ def test_zero_when_student_equals_teacher():
     labels = torch.randint(0, 3, (2, 32, 32))
     t = 30.0 * torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
     f = torch.randn(2, 8, 8, 8)
-    value = loss(t.clone(), t, f.clone(), f)
+    value = loss(*_pair(t.clone(), t, f.clone(), f))
     assert value.item() == pytest.approx(0.0, abs=1e-6)
     assert loss.last_terms["kd_kl"] == pytest.approx(0.0, abs=1e-6)
     assert loss.last_terms["kd_feat"] == pytest.approx(0.0, abs=1e-8)
@@ -36,7 +41,7 @@ def test_zero_when_student_equals_teacher():
     assert kd_kl_div(t.clone(), t, temperature=3.0).item() == pytest.approx(0.0, abs=1e-6)
     agn = TaskAgnosticKDLoss(student_channels=8, teacher_channels=8)
     _identity_projection(agn)
-    assert agn(None, None, f.clone(), f).item() == pytest.approx(0.0, abs=1e-8)
+    assert agn(*_pair(None, None, f.clone(), f)).item() == pytest.approx(0.0, abs=1e-8)
 
 
 def test_grows_with_disagreement():
@@ -47,7 +52,7 @@ def test_grows_with_disagreement():
     noise_t, noise_f = torch.randn_like(t) * 4, torch.randn_like(f)
     values, terms = [], []
     for eps in (0.0, 0.25, 0.5, 1.0, 2.0):
-        values.append(loss(t + eps * noise_t, t, f + eps * noise_f, f).item())
+        values.append(loss(*_pair(t + eps * noise_t, t, f + eps * noise_f, f)).item())
         terms.append(dict(loss.last_terms))
     assert all(a < b for a, b in zip(values, values[1:])), values
     for key in ("kd_kl", "kd_feat"):
@@ -61,14 +66,14 @@ def test_weights_and_temperature_are_configurable():
     s, t = torch.randn(2, 2, 16, 16), torch.randn(2, 2, 16, 16)
     only_kl = TaskSpecificKDLoss(alpha=2.0, beta=0.0, gamma=0.0, temperature=4.0)
     assert only_kl.projection is None and not only_kl.needs_features
-    assert only_kl(s, t).item() == pytest.approx(2.0 * kd_kl_div(s, t, 4.0).item(), rel=1e-6)
+    assert only_kl(*_pair(s, t)).item() == pytest.approx(2.0 * kd_kl_div(s, t, 4.0).item(), rel=1e-6)
     assert set(only_kl.last_terms) == {"kd_kl"}
     with pytest.raises(ValueError, match="student_channels"):
         TaskSpecificKDLoss(gamma=1.0)
     with pytest.raises(ValueError, match="temperature"):
         TaskSpecificKDLoss(student_channels=4, temperature=0)
     with pytest.raises(ValueError, match="same shape"):
-        only_kl(torch.randn(2, 2, 16, 16), torch.randn(2, 3, 16, 16))
+        only_kl(*_pair(torch.randn(2, 2, 16, 16), torch.randn(2, 3, 16, 16)))
     with pytest.raises(ValueError, match="gamma"):
         TaskAgnosticKDLoss(student_channels=4, gamma=0.0)
 
@@ -87,7 +92,7 @@ def test_gradients_reach_student_and_projection_only(kind):
     x = torch.rand(2, 1, 32, 32)
     t_logits, t_feats = teacher.forward_with_features(x)  # not detached on purpose: the loss must detach
     s_logits, s_feats = student.forward_with_features(x)
-    loss(s_logits, t_logits, s_feats, t_feats).backward()
+    loss(*_pair(s_logits, t_logits, s_feats, t_feats)).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert loss.projection.proj.weight.grad is not None and loss.projection.proj.weight.grad.abs().sum() > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import BUNDLES, REPO, run_bundle
+from helpers import REPO, run_bundle
 
 pytestmark = pytest.mark.slow
 VENV = REPO / ".venv-monailabel"
@@ -59,43 +60,77 @@ def _post_file(url: str, path: Path) -> tuple[bytes, str]:
         return r.read(), r.headers.get_filename() or "label.nii.gz"
 
 
-def test_monailabel_serves_the_student_bundle(monailabel_python, demo_datalist, tmp_path):
-    # 1. a trained student bundle, as a clinician would import it
-    bundle = tmp_path / "app" / "model" / "tsdk_student"
-    shutil.copytree(BUNDLES / "tsdk_student", bundle, ignore=shutil.ignore_patterns("models", "eval"))
-    run_bundle("tsdk_student", ["train.json"], {
-        "dataset_dir": str(demo_datalist.parent), "ckpt_dir": str(bundle / "models"), "output_dir": str(tmp_path / "eval"),
-        "image_size": 64, "batch_size": 3, "train#trainer#max_epochs": 1})
-    inf_cfg = bundle / "configs" / "inference.json"
-    cfg = json.loads(inf_cfg.read_text())
-    cfg["image_size"] = 64  # the size it was trained at
-    inf_cfg.write_text(json.dumps(cfg, indent=4))
+def _post(url: str, body: bytes, content_type: str) -> bytes:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    with urllib.request.urlopen(req, timeout=900) as r:
+        return r.read()
+
+
+def _labelled_studies(datalist: Path, studies: Path, n: int) -> list[str]:
+    """``n`` labelled training cases of the datalist as MONAI Label studies: NIfTI images (the datastore's default
+    extensions) and their labels in ``labels/final``."""
+    import nibabel as nib
+    from PIL import Image
+
+    final = studies / "labels" / "final"
+    final.mkdir(parents=True)
+    ids = []
+    for case in json.loads(datalist.read_text())["training"][:n]:
+        stem = Path(case["image"]).stem
+        for key, folder, dtype in (("image", studies, np.float32), ("label", final, np.uint8)):
+            arr = np.asarray(Image.open(datalist.parent / case[key])).astype(dtype).T  # MONAI's PNG orientation
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(folder / f"{stem}.nii.gz"))
+        ids.append(stem)
+    return ids
+
+
+def _own_inference(bundle: Path, image: Path, tmp_path: Path, tag: str) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    in_dir = tmp_path / f"in_{tag}"
+    in_dir.mkdir()
+    shutil.copy(image, in_dir / image.name)
+    run_bundle(bundle, ["inference.json"], {"input_dir": str(in_dir), "output_dir": str(tmp_path / f"own_{tag}")})
+    return np.asarray(LoadImage(image_only=True)(str(tmp_path / f"own_{tag}" / f"{image.stem}_seg.nii.gz")))
+
+
+def _served(port: int, name: str, image: Path, tmp_path: Path, log: Path) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    try:
+        label_bytes, label_name = _post_file(f"http://127.0.0.1:{port}/infer/{name}?output=image", image)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-6000:]}") from exc
+    assert label_name.endswith(".png"), f"MONAI Label answers a PNG input with a PNG label, got {label_name}"
+    got_path = tmp_path / f"served_{uuid.uuid4().hex}.png"
+    got_path.write_bytes(label_bytes)
+    return np.asarray(LoadImage(image_only=True)(str(got_path)))
+
+
+def test_monailabel_serves_and_trains_the_exported_bundle(monailabel_python, exported_bundle, demo_datalist, tmp_path):
+    """The bundle ``tsdk export`` wrote, used as it is: MONAI Label infers what the bundle infers, refuses a corrupt
+    upload with a clear HTTP error and keeps serving, trains it for one epoch on labelled studies, then infers with
+    the new weights."""
+    name = exported_bundle.name
+    bundle = tmp_path / "app" / "model" / name
+    shutil.copytree(exported_bundle, bundle)  # no config edits
     sample_app = VENV / "monailabel" / "sample-apps" / "monaibundle"
     assert sample_app.is_dir(), f"MONAI Label's monaibundle sample app not found at {sample_app}"
     shutil.copytree(sample_app, tmp_path / "app", dirs_exist_ok=True)
     studies = tmp_path / "studies"
     studies.mkdir()
-    image = Path(json.loads(demo_datalist.read_text())["test"][0]["image"])
-    image = demo_datalist.parent / image
+    _labelled_studies(demo_datalist, studies, 4)
+    image = demo_datalist.parent / json.loads(demo_datalist.read_text())["test"][0]["image"]
+    expected = _own_inference(bundle, image, tmp_path, "before")
 
-    # 2. the bundle's own inference of that image
-    own = tmp_path / "own"
-    in_dir = tmp_path / "in"
-    in_dir.mkdir()
-    shutil.copy(image, in_dir / image.name)
-    run_bundle(bundle, ["inference.json"], {"input_dir": str(in_dir), "output_dir": str(own)})
-    from monai.transforms import LoadImage
-
-    expected = np.asarray(LoadImage(image_only=True)(str(own / f"{image.stem}_seg.nii.gz")))
-
-    # 3. MONAI Label on loopback, offline
     port = _free_port()
-    log = (tmp_path / "monailabel.log").open("w")
+    log_path = tmp_path / "monailabel.log"
+    log = log_path.open("w")
     env = dict(os.environ, PYTHONWARNINGS="ignore", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
     server = subprocess.Popen(
         [str(monailabel_python), "-m", "monailabel.main", "start_server", "--app", str(tmp_path / "app"),
          "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-         "--conf", "models", "tsdk_student", "--conf", "zoo_source", "github", "--conf", "sam2", "false"],
+         "--conf", "models", name, "--conf", "zoo_source", "github", "--conf", "sam2", "false"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path), start_new_session=True,
     )
     try:
@@ -108,23 +143,48 @@ def test_monailabel_serves_the_student_bundle(monailabel_python, demo_datalist, 
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(2)
-        assert info is not None, f"MONAI Label did not start:\n{(tmp_path / 'monailabel.log').read_text()[-5000:]}"
-        assert "tsdk_student" in info["models"], info["models"]
+        assert info is not None, f"MONAI Label did not start:\n{log_path.read_text()[-5000:]}"
+        assert name in info["models"] and name in info["trainers"], (info["models"], info.get("trainers"))
         channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
-        assert info["models"]["tsdk_student"]["labels"] == {v: int(k) for k, v in channel_def.items() if k != "0"}
+        assert info["models"][name]["labels"] == {v: int(k) for k, v in channel_def.items() if k != "0"}
 
-        # 4. the label MONAI Label returns equals the bundle's own output
-        try:
-            label_bytes, label_name = _post_file(f"http://127.0.0.1:{port}/infer/tsdk_student?output=image", image)
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{exc}\n{(tmp_path / 'monailabel.log').read_text()[-6000:]}") from exc
-        assert label_name.endswith(".png"), f"MONAI Label answers a PNG input with a PNG label, got {label_name}"
-        got_path = tmp_path / "monailabel_label.png"
-        got_path.write_bytes(label_bytes)
-        got = np.asarray(LoadImage(image_only=True)(str(got_path)))
+        # 1. the label MONAI Label returns equals the bundle's own output
+        got = _served(port, name, image, tmp_path, log_path)
         assert got.shape == expected.shape, (got.shape, expected.shape)
         np.testing.assert_array_equal(got, expected)
         assert expected.any(), "the trained student found no foreground at all: the comparison would be vacuous"
+
+        # 2. a corrupt upload: a clear HTTP error, and the server goes on serving
+        corrupt = tmp_path / "corrupt.png"
+        corrupt.write_bytes(image.read_bytes()[:200])
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _post_file(f"http://127.0.0.1:{port}/infer/{name}?output=image", corrupt)
+        assert err.value.code >= 400
+        detail = err.value.read().decode(errors="replace")
+        # MONAI Label answers an exception of the infer task with 500 and logs it; ours names the problem (the file
+        # is MONAI Label's temporary copy of the upload, so its name is not the client's)
+        named = re.compile(r"TSDKInputError: \S+\.png: cannot read image \(OSError: image file is truncated\)")
+        deadline = time.time() + 30  # the server writes the traceback to its log after it answered
+        while not named.search(log_path.read_text()) and time.time() < deadline:
+            time.sleep(0.5)
+        assert named.search(log_path.read_text()), detail[-2000:] + log_path.read_text()[-3000:]
+        np.testing.assert_array_equal(_served(port, name, image, tmp_path, log_path), expected)
+
+        # 3. one epoch of training through MONAI Label's /train on the bundle's train.json, from models/model.pt
+        before = (bundle / "models" / "model.pt").read_bytes()
+        params = json.dumps({"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False}).encode()
+        try:
+            _post(f"http://127.0.0.1:{port}/train/{name}?run_sync=true", params, "application/json")
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text()[-8000:]}") from exc
+        after = (bundle / "models" / "model.pt").read_bytes()
+        assert after != before, f"training wrote no new model.pt:\n{log_path.read_text()[-6000:]}"
+        import torch
+
+        torch.load(bundle / "models" / "model.pt", weights_only=True)  # still a plain, safe state dict
+        # 4. inference with the new weights: MONAI Label's label equals the bundle's own inference with them
+        retrained = _own_inference(bundle, image, tmp_path, "after")
+        np.testing.assert_array_equal(_served(port, name, image, tmp_path, log_path), retrained)
     finally:
         os.killpg(server.pid, 15)
         try:

@@ -17,16 +17,16 @@ import pytest
 
 from tsdk_monai.data import load_datalist, subset_datalist
 from helpers import BUNDLES
-from tsdk_monai.pipeline import METHODS, DemoSizes, StageRunner, bundle_arg, plan_runs, run_methods, tskd_stages
+from tsdk_monai.driver import METHODS, RunDirs, Schedule, StageRunner, bundle_arg, method_stages, plan_runs, run_methods
 from tsdk_monai.utils import TSDKInputError
 
 # the tiniest schedule that still runs every stage of every method on the 64x64 demo data
-TINY = DemoSizes(
+TINY = Schedule(
     student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2, synth_size=32, synth_epochs=1,
     synth_images=4, synth_steps=2, fid_real_images=8, distill_epochs=1, ssl_epochs=1, student_epochs=1, batch_size=3,
     # distillation and pre-training on the labelled pool's pixels only (6 images), not the unlabelled ones too
-    extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "train#batch_size": 8},
-           "tsdk_distill": {"train#batch_size": 4, "use_unlabeled": False},
+    extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "batch_size": 8},
+           "tsdk_distill": {"batch_size": 4, "use_unlabeled": False},
            "tsdk_ssl": {"batch_size": 4, "use_unlabeled": False}},
 )
 N_LABELED = (3, 6)
@@ -40,7 +40,7 @@ def test_bundle_arg_writes_python_literals():
 
 
 def test_every_method_is_made_of_bundle_runs(tmp_path):
-    stages = tskd_stages(tmp_path / "data" / "datalist.json", tmp_path, DemoSizes())
+    stages = method_stages(tmp_path / "data" / "datalist.json", RunDirs(tmp_path, tmp_path), Schedule())
     assert set(stages) == set(METHODS)
     tskd = [st.name for st in stages["tskd"]]
     assert tskd == ["teacher", "synthesis_train", "synthesis_sample", "tskd_distill", "tskd_finetune", "tskd_evaluate"]
@@ -156,13 +156,17 @@ def test_second_run_skips_every_stage(full_run, demo_datalist, capsys):
     assert runner.ran == [] and runner.resumed == []
     out = capsys.readouterr().out
     assert "[run ]" not in out and "[skip] (1/" in out
-    assert len(runner.skipped) == len(plan_runs(demo_datalist, work, list(METHODS), TINY, N_LABELED, 0).stages) + len(METHODS)
+    plan = plan_runs(demo_datalist, work, list(METHODS), TINY, N_LABELED, 0)
+    assert len(runner.skipped) == len(plan.stages) and sum(st.name.endswith("_overlay") for st in plan.stages) == len(
+        METHODS)  # the overlay figure's predictions are stages of the plan too
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_report_has_every_row_and_plots(full_run):
+    """``tsdk report`` rewrites the report from what the stages wrote; it runs no stage."""
     work = full_run["work"]
+    markers = {p.name: p.read_bytes() for p in (work / "logs").glob("*.stage.json")}
     proc = subprocess.run([sys.executable, "-m", "tsdk_monai", "report", str(work)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -175,6 +179,7 @@ def test_report_has_every_row_and_plots(full_run):
             assert len(row) == 1, (m, n, report)
             assert "not run" not in row[0] and re.search(r"\| 0\.\d{3} \|", row[0]), row[0]
     assert "| teacher (LiteMedSAM + LoRA, reference) | 3 |" in proc.stdout  # the table is printed
+    assert {p.name: p.read_bytes() for p in (work / "logs").glob("*.stage.json")} == markers  # nothing ran
     for png in ("dice_vs_labels.png", "overlays.png"):
         data = (work / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
@@ -182,6 +187,11 @@ def test_report_has_every_row_and_plots(full_run):
     assert {(r["method"], r["n_labeled"]) for r in rows} == {(m, n) for m in METHODS for n in N_LABELED}
     teacher = [r for r in rows if r["method"] == "teacher"]
     assert all(r["hd95_mean"] is not None and r["hd95_mean"] >= 0 for r in teacher), teacher  # from its metrics.json
+    # TS-KD minus every other method, with a paired bootstrap interval over the test images
+    cmp = json.loads((work / "report.json").read_text())["tskd_minus"]
+    assert {(c["method"], c["n_labeled"]) for c in cmp} == {(m, n) for m in METHODS if m != "tskd" for n in N_LABELED}
+    assert all(c["low"] <= c["mean"] <= c["high"] and c["n"] > 0 for c in cmp), cmp
+    assert "## TS-KD minus each method" in (work / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -194,7 +204,7 @@ def test_changed_schedule_reruns_that_stage(full_run, demo_datalist, capsys):
         run_methods(demo_datalist, work, ["scratch"], longer, n_labeled=3, seeds=0, runner=runner)
     # the evaluation's command is unchanged, but its input (the fine-tuned model) is not
     assert runner.ran == ["s0_n3_scratch_finetune", "s0_n3_scratch_evaluate", "s0_n3_scratch_overlay"], runner.ran
-    assert "[redo] (1/2) s0_n3_scratch_finetune" in capsys.readouterr().out
+    assert "[redo] (1/3) s0_n3_scratch_finetune" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -219,7 +229,7 @@ def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
     assert marker["state"] == "running", "the stage finished before the kill; interrupt it earlier"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"[resume] (1/2) {stage}" in done.stdout and "| student from scratch | 6 |" in done.stdout
+    assert f"[resume] (1/3) {stage}" in done.stdout and "| student from scratch | 6 |" in done.stdout
     log = (work / "logs" / f"{stage}.log").read_text()
     resumed = log.split("--- resumed after an interruption")[1]
     # from the saved checkpoint, not from the start
@@ -232,7 +242,7 @@ def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
 _DRIVER = """
 import sys
 from pathlib import Path
-from tsdk_monai.pipeline import Stage, StageRunner
+from tsdk_monai.driver import Stage, StageRunner
 work, data = Path(sys.argv[1]), Path(sys.argv[2])
 stage = Stage("scratch_finetune", "tsdk_student", ["train.json"], {
     "dataset_dir": str(data.parent), "datalist": str(data), "ckpt_dir": str(work / "models"),
@@ -268,3 +278,25 @@ def test_changed_package_code_reruns_the_stage(demo_datalist, tmp_path):
     loss.write_text(loss.read_text().replace("kl.mean() * t * t", "kl.mean() * (t * t)"))
     out = drive()
     assert "[redo] scratch_finetune: command, configs, inputs or code changed" in out and out.strip().endswith("RAN"), out
+
+
+def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
+    """`tsdk run --preset cpu` plans the bench's stages (same commands, so the same hashes); flags override it."""
+    import importlib.util
+
+    from tsdk_monai.cli import main
+    from tsdk_monai.driver import PRESETS, schedule_of
+
+    spec = importlib.util.spec_from_file_location("hc18_table", Path(__file__).parents[1] / "bench" / "hc18_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, sched in (("cpu", bench.CPU), ("full", bench.FULL), ("smoke", bench.SMOKE)):
+        a = plan_runs(demo_datalist, tmp_path / name, "teacher,tskd", schedule_of(name), n_labeled="3,6")
+        b = plan_runs(demo_datalist, tmp_path / name, "teacher,tskd", Schedule(**sched), n_labeled="3,6")
+        assert [(s.name, s.command()) for s in a.stages] == [(s.name, s.command()) for s in b.stages]
+    assert schedule_of("cpu", student_epochs=3, batch_size=None) == Schedule(**{**PRESETS["cpu"], "student_epochs": 3})
+    assert schedule_of("cpu").iterations_like == 80 and schedule_of().student_size == 256
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--datalist", str(demo_datalist), "--workdir", str(tmp_path / "x"), "--preset", "gpu"])
+    assert exc.value.code == 2 and "--preset 'gpu': not a preset; choose one of cpu, full, smoke" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -61,7 +61,7 @@ def assert_complete(root: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------- the stages
 def _teacher_dir(tmp_path: Path) -> Path:
-    from tsdk_monai.networks.teacher import LoRASegTeacher, save_teacher
+    from tsdk_monai.networks import LoRASegTeacher, save_teacher
 
     torch.manual_seed(0)
     save_teacher(LoRASegTeacher(num_classes=2, img_size=64), tmp_path / "teacher" / "teacher")
@@ -91,12 +91,12 @@ def _stages(data: Path, w: Path) -> dict[str, dict]:
             final=w / "models" / "teacher" / "model.pt", epochs=2, signal=signal.SIGTERM),
         "synthesis": dict(bundle="tsdk_synthesis", overrides={
             **d, "ckpt_dir": str(w / "models"), "log_dir": str(w / "logs"), "output_dir": str(w / "synthetic"),
-            "image_size": 32, "network_def#block_out_channels": [8, 16, 16, 16], "train#batch_size": 2,
+            "image_size": 32, "network_def#block_out_channels": [8, 16, 16, 16], "batch_size": 2,
             "train#log_every": 1, "train#splits": ["training"]}, ckpt=(w / "models", "checkpoint"),
             final=w / "models" / "model.pt", epochs=3, signal=signal.SIGKILL),
         "distill": dict(bundle="tsdk_distill", overrides={
-            **d, "ckpt_dir": str(w / "models"), "output_dir": str(w / "eval"), "img_size": 32, "use_unlabeled": False,
-            "train#batch_size": 2, "teacher_ckpt": "TEACHER"}, ckpt=(w / "models" / "distill", ""),
+            **d, "ckpt_dir": str(w / "models"), "output_dir": str(w / "eval"), "image_size": 32, "use_unlabeled": False,
+            "batch_size": 2, "teacher_ckpt": "TEACHER"}, ckpt=(w / "models" / "distill", ""),
             final=w / "models" / "student_distilled.pt", epochs=3, signal=signal.SIGTERM),
         "student": dict(bundle="tsdk_student", overrides={
             **d, "ckpt_dir": str(w / "models"), "output_dir": str(w / "eval"), "image_size": 32, "batch_size": 2},
@@ -104,7 +104,7 @@ def _stages(data: Path, w: Path) -> dict[str, dict]:
     }
     if (BUNDLES / "tsdk_ssl" / "configs" / "train.json").is_file():
         stages["ssl"] = dict(bundle="tsdk_ssl", overrides={
-            **d, "ckpt_dir": str(w / "models"), "img_size": 32, "batch_size": 2, "use_unlabeled": False,
+            **d, "ckpt_dir": str(w / "models"), "image_size": 32, "batch_size": 2, "use_unlabeled": False,
             "use_synthetic": False, "progress": False, "mae#patch_size": 8}, ckpt=(w / "models" / "ssl", ""),
             final=w / "models" / "student_pretrained.pt", epochs=3, signal=signal.SIGKILL)
     return stages

@@ -20,12 +20,12 @@ from tsdk_monai.ssl import (
     InfoNCELoss,
     MaskedReconstructionLoss,
     MoCoV3,
+    ObjectiveLoss,
     PatchMasker,
-    SSLTrainer,
+    SSLPrepareBatch,
     build_ssl_model,
     random_patch_mask,
     save_pretrained_student,
-    transfer_weights,
 )
 from tsdk_monai.utils import TSDKInputError
 
@@ -103,17 +103,23 @@ def test_moco_momentum_encoder_gets_no_gradient_and_moves_by_ema():
     assert all(torch.equal(base_before[k], mom_before[k]) for k in mom)  # starts as a copy
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     x = torch.rand(4, 1, 32, 32)
-    out = model(x, x.flip(-1))
+    out = model(x, x.flip(-1))  # the first step's keys: the momentum encoder moved towards itself (unchanged)
+    for k in mom:
+        torch.testing.assert_close(mom[k].detach(), mom_before[k], rtol=1e-6, atol=1e-7)
+    first = {k: v.detach().clone() for k, v in mom.items()}
     out["loss"].backward()
     assert all(p.grad is None for p in model.momentum_student.parameters())
     assert all(p.grad is None for p in model.momentum_projector.parameters())
     opt.step()
-    assert all(torch.equal(mom[k], mom_before[k]) for k in mom)  # the optimiser never touches it
-    model.momentum_update()
+    assert all(torch.equal(mom[k], first[k]) for k in mom)  # the optimiser never touches it
+    stepped = {k: p.detach().clone() for k, p in model.student.named_parameters()}
+    model.eval()(x, x)  # no move outside training
+    assert all(torch.equal(mom[k], first[k]) for k in mom)
+    model.train()(x, x)  # the next training step moves it towards the stepped weights before taking its keys
     moved = 0
-    for k, p in model.student.named_parameters():
-        torch.testing.assert_close(mom[k].detach(), 0.9 * mom_before[k] + 0.1 * p.detach())
-        moved += not torch.equal(mom[k], mom_before[k])
+    for k in stepped:
+        torch.testing.assert_close(mom[k].detach(), 0.9 * first[k] + 0.1 * stepped[k])
+        moved += not torch.equal(mom[k], first[k])
     assert moved > 0  # the encoder's parameters that got gradients moved, by EMA
 
 
@@ -129,12 +135,21 @@ def _tiny_batch(n: int = 8, size: int = 32) -> dict[str, torch.Tensor]:
     return {"image": torch.stack(imgs)[:, None]}
 
 
+def _trainer(net, max_epochs: int, data: list, augment=None):
+    """The tsdk_ssl bundle's trainer: MONAI's SupervisedTrainer with the views prepare-batch and the objective's loss."""
+    from monai.engines import SupervisedTrainer
+
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    return SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net, optimizer=opt,
+                             loss_function=ObjectiveLoss(), prepare_batch=SSLPrepareBatch(net.num_views, augment),
+                             decollate=False)
+
+
 @pytest.mark.parametrize("method", ["mae", "mocov3"])
 def test_a_few_steps_lower_the_loss(method):
     torch.manual_seed(0)
     net = build_ssl_model(method, "unet_small", img_size=32)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    trainer = SSLTrainer(device="cpu", max_epochs=8, train_data_loader=[_tiny_batch()], network=net, optimizer=opt)
+    trainer = _trainer(net, 8, [_tiny_batch()])
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
@@ -145,12 +160,10 @@ def test_a_few_steps_lower_the_loss(method):
 def test_trainer_makes_independent_views():
     from monai.transforms import RandFlipd
 
-    net = build_ssl_model("mocov3", "unet_small", img_size=32)
-    trainer = SSLTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=net,
-                         optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
-                         augment=RandFlipd("image", prob=0.5, spatial_axis=1))
+    prepare = SSLPrepareBatch(2, RandFlipd("image", prob=0.5, spatial_axis=1))
     x = _tiny_batch(16)["image"]
-    v1, v2 = trainer.make_views(x)
+    v1, targets, (v2,), kwargs = prepare({"image": x}, "cpu")
+    assert targets is None and kwargs == {}
     flipped1 = [torch.equal(a, b.flip(-1)) for a, b in zip(v1, x)]
     flipped2 = [torch.equal(a, b.flip(-1)) for a, b in zip(v2, x)]
     assert all(torch.equal(a, b) or f for a, b, f in zip(v1, x, flipped1))
@@ -172,8 +185,10 @@ def test_pretrained_weights_reach_the_segmentation_student(tmp_path):
     assert torch.equal(state["final_conv.weight"], fresh_out)
     # MoCo v3 pre-trains the encoder; all the student's weights match by name and shape
     moco = build_ssl_model("mocov3", "vit_tiny", img_size=32, num_classes=3)
-    copied, kept = transfer_weights(moco.student, build_student("vit_tiny", num_classes=3, img_size=32))
-    assert kept == [] and len(copied) == len(moco.student.state_dict())
+    path = save_pretrained_student(moco, build_student("vit_tiny", num_classes=3, img_size=32), tmp_path / "moco.pt")
+    state = torch.load(path, weights_only=True)
+    assert state.keys() == moco.student.state_dict().keys()
+    assert all(torch.equal(v, moco.student.state_dict()[k]) for k, v in state.items())
     with pytest.raises(TSDKInputError, match="pre-train and fine-tune the same student"):
         save_pretrained_student(mae, torch.nn.Linear(2, 2), tmp_path / "x.pt")
 
@@ -196,7 +211,7 @@ def test_metadata(tmp_path):
 
 
 def _overrides(demo_datalist: Path, ckpt_dir: Path, **extra) -> dict:
-    o = {"dataset_dir": str(Path(demo_datalist).parent), "ckpt_dir": str(ckpt_dir), "img_size": 64,
+    o = {"dataset_dir": str(Path(demo_datalist).parent), "ckpt_dir": str(ckpt_dir), "image_size": 64,
          "batch_size": 8, "train#trainer#max_epochs": 1, "use_synthetic": False, "progress": False}
     o.update(extra)
     return o
@@ -219,7 +234,7 @@ def test_bundle_mae_resumes_and_initialises_the_student(demo_datalist, tmp_path)
     assert all(torch.equal(v, model[f"network.{k}"]) for k, v in state.items() if not k.startswith("final_conv"))
     # a rerun with more epochs resumes from the last checkpoint instead of starting over
     log = run_bundle(BUNDLE, ["train.json"], {**o, "train#trainer#max_epochs": 2}).stdout
-    assert "SSLTrainer - INFO - Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
+    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log and "Epoch[1] Complete" not in log
     assert re.search(r"Epoch: 2/2, Iter: 1/2 -- train_loss: \d", log)
     assert Path(latest_checkpoint(ckpt / "ssl")).name == "checkpoint_epoch=2.pt"
     # the tsdk_student bundle fine-tunes from it (strict load, weights_only)

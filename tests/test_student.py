@@ -57,7 +57,13 @@ def test_evaluate_writes_metrics_json(trained, demo_datalist):
     for case in metrics["cases"]:
         assert Path(case["image"]).name.endswith(".png")
         assert 0.0 <= case["test_mean_dice"]["head"] <= 1.0
-        assert case["test_hd95"]["head"] is None or case["test_hd95"]["head"] >= 0
+        assert case["test_hd95"]["head"] is not None and case["test_hd95"]["head"] >= 0  # a miss scores the diagonal
+    assert metrics["empty_predictions"] >= 0 and metrics["invented"] >= 0
+    # the post-processing was chosen on the validation split, before the test was scored
+    chosen = json.loads((work / "models" / "postprocess.json").read_text())
+    assert isinstance(chosen["keep_largest_component"], bool)
+    assert chosen["validation_cases"] == len(json.loads(demo_datalist.read_text())["validation"])
+    assert set(chosen["validation_dice"]) == {"none", "largest_component"}
 
 
 def test_inference_2d_and_3d_keep_geometry(trained, demo_datalist, tmp_path):

@@ -272,7 +272,7 @@ def test_load_weights_errors(tmp_path):
         load_weights(net, tmp_path / "model.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(TSDKInputError, match="bad.pt: cannot read checkpoint"):
+    with pytest.raises(TSDKInputError, match="bad.pt: not a complete checkpoint file"):
         load_weights(net, bad)
     torch.save({"optimizer": {}}, tmp_path / "other.pt")
     with pytest.raises(TSDKInputError, match="other.pt: checkpoint has none of the entries"):
@@ -297,7 +297,7 @@ def _overrides(datalist: Path, tmp_path: Path, **extra) -> dict:
         "output_dir": str(tmp_path / "synthetic"),
         "image_size": 32,
         "network_def#block_out_channels": TINY_NET,
-        "train#batch_size": 8,
+        "batch_size": 8,
         **extra,
     }
 

@@ -57,9 +57,9 @@ def test_shapes_and_embedding():
     net = LoRASegTeacher(num_classes=2, img_size=SIZE).eval()
     x = torch.rand(2, 1, 50, 70)
     with torch.no_grad():
-        logits, emb = net.forward_with_embedding(x)
+        logits, emb = net.forward_with_features(x)
         assert torch.equal(net(x), logits)
-        assert torch.equal(net.embed(x), emb)
+        assert torch.equal(net.forward_features(x), emb)
     assert logits.shape == (2, 2, 50, 70)  # at the input size
     assert emb.shape == (2, 256, SIZE // 4, SIZE // 4)
     assert net.decode(emb).shape == (2, 2, SIZE, SIZE)
@@ -111,7 +111,7 @@ def test_adapter_round_trip_and_merged(trained):
         merged = load_teacher(out, merged=True)
         assert not merged.has_adapter
         torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-5)
-        torch.testing.assert_close(merged.embed(x), net.embed(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(merged.forward_features(x), net.forward_features(x), rtol=0, atol=1e-5)
     # the merged file is a plain state dict that loads with weights_only=True into the plain architecture
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     assert not any("lora_" in k for k in state)
@@ -130,7 +130,7 @@ def test_bad_teacher_files(tmp_path, trained):
     with pytest.raises(TSDKInputError, match="adapter_model.safetensors: cannot read LoRA adapter"):
         load_teacher(bad, merged=False)
     (bad / "model.pt").write_bytes(b"garbage")
-    with pytest.raises(TSDKInputError, match="model.pt: cannot read teacher weights"):
+    with pytest.raises(TSDKInputError, match="model.pt: not a complete teacher weights file"):
         load_teacher(bad, merged=True)
 
 
@@ -240,7 +240,7 @@ def test_sam_vit_teacher_with_lora(tmp_path):
     save_teacher(net, tmp_path / "t")
     x = torch.rand(2, 3, 40, 40)
     with torch.no_grad():
-        logits, emb = net.forward_with_embedding(x)
+        logits, emb = net.forward_with_features(x)
         assert logits.shape == (2, 2, 40, 40) and emb.shape == (2, 256, 4, 4)
         torch.testing.assert_close(load_teacher(tmp_path / "t", merged=False)(x), logits, rtol=0, atol=0)
         torch.testing.assert_close(load_teacher(tmp_path / "t", merged=True)(x), logits, rtol=0, atol=1e-5)

@@ -110,7 +110,7 @@ def test_bad_checkpoints_name_the_file(tmp_path, tiny_sam_ckpt):
         load_vfm("sam_vit_b", checkpoint=missing, arch=TINY)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(TSDKInputError, match="junk.pth: cannot read VFM checkpoint"):
+    with pytest.raises(TSDKInputError, match="junk.pth: not a complete VFM checkpoint file"):
         load_vfm("medsam_vit_b", checkpoint=junk, arch=TINY)
     other = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, other)
@@ -128,7 +128,7 @@ def test_tinyvit_fast_path_matches_the_plain_layers():
     same embedding as NCHW with separate layers, refreshed after new weights, and the plain layers when trainable."""
     import copy
 
-    from tsdk_monai.networks.vfm import set_tinyvit_fast_path
+    from tsdk_monai.networks.tinyvit import set_tinyvit_fast_path
 
     torch.manual_seed(0)
     enc = build_vfm_encoder("litemedsam", img_size=64)  # frozen, eval mode

@@ -1,14 +1,19 @@
-"""Inference at the network's training size, for 2D images and, slice by slice, for 3D volumes."""
+"""Inferers MONAI lacks: inference at the network's training size (2D images and, slice by slice, 3D volumes), the
+student's logits and features in one call (distillation), and autocast on any device type (mixed precision)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from monai.inferers import Inferer, SliceInferer
+from monai.inferers import Inferer, SimpleInferer, SliceInferer
 
-__all__ = ["ResizeSliceInferer"]
+from tsdk_monai.engines.amp import autocast
+from tsdk_monai.utils import unwrap
+
+__all__ = ["ResizeSliceInferer", "FeatureInferer", "AutocastInferer"]
 
 
 class ResizeSliceInferer(Inferer):
@@ -48,3 +53,61 @@ class ResizeSliceInferer(Inferer):
             slicer = SliceInferer(roi_size=(-1, -1), spatial_dim=self.spatial_dim, sw_batch_size=self.sw_batch_size)
             return slicer(inputs, run)
         raise ValueError(f"expected a 2D batch (B, C, H, W) or a 3D batch (B, C, H, W, D), got shape {tuple(inputs.shape)}")
+
+
+class FeatureInferer(Inferer):
+    """``network(x)`` -> ``{"logits": (B, C, H, W), "features": (B, Cf, h, w) or None}``: the student's side of a
+    distillation step (what :mod:`tsdk_monai.losses` KD losses take).
+
+    The features are the output of the network's ``features_module`` (the students' protocol), read by a forward
+    hook, so the call goes through ``network.forward``: ``DistributedDataParallel`` needs that to synchronise
+    gradients.
+
+    Args:
+        features: whether the loss needs the features (without, no hook and ``"features": None``).
+    """
+
+    def __init__(self, features: bool = True) -> None:
+        super().__init__()
+        self.features = bool(features)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> dict[str, torch.Tensor | None]:
+        if not self.features:
+            return {"logits": network(inputs, *args, **kwargs), "features": None}
+        inner = unwrap(network)
+        target = getattr(inner, "features_module", None)
+        if not isinstance(target, nn.Module):
+            raise TypeError(f"the student {type(inner).__name__} has no 'features_module' for feature distillation")
+        store: dict[str, torch.Tensor] = {}
+        handle = target.register_forward_hook(lambda _m, _i, out: store.__setitem__("f", out))
+        try:
+            logits = network(inputs, *args, **kwargs)
+        finally:
+            handle.remove()
+        if "f" not in store:
+            raise RuntimeError(f"{type(inner).__name__}.features_module was not called in forward")
+        return {"logits": logits, "features": store["f"]}
+
+
+class AutocastInferer(Inferer):
+    """Run ``inferer`` under ``torch.autocast`` on the input's device type when ``enabled``: the one mixed-precision
+    switch of the trainers whose step MONAI's ``amp`` does not cover on the CPU (MONAI autocasts on CUDA only), so
+    ``amp=True`` with ``amp_dtype="bfloat16"`` also runs on the CPU. Losses compute in float32 themselves.
+
+    Args:
+        inferer: the inner inferer (default ``SimpleInferer``).
+        enabled: the bundle's ``amp``.
+        amp_kwargs: ``torch.autocast`` arguments, e.g. ``{"dtype": torch.bfloat16}`` (see
+            :func:`tsdk_monai.engines.amp.autocast`).
+    """
+
+    def __init__(self, inferer: Inferer | None = None, enabled: bool = False,
+                 amp_kwargs: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.inferer = inferer or SimpleInferer()
+        self.enabled, self.amp_kwargs = bool(enabled), dict(amp_kwargs or {})
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with autocast(inputs.device, self.enabled, self.amp_kwargs):
+            return self.inferer(inputs, network, *args, **kwargs)

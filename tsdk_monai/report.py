@@ -1,12 +1,10 @@
 """The comparison report of a ``tsdk run`` folder: ``W/report.md`` and the plots in ``W/plots/``.
 
-Everything is read from what the stages wrote: each student's ``eval/metrics.json`` (``tsdk_student`` evaluate:
-Dice and HD95 on the test split), the teacher's ``test/metrics.json`` (``tsdk_teacher`` evaluate, the same), the stage
-markers in ``W/logs`` (seconds per stage) and ``W/run.json`` (the plan: methods, seeds, numbers of labels, sizes).
-Two things are measured here: parameter counts and CPU inference time per image of the networks (forward of one
-image at the run's size, median of a few repeats, in this process, so teacher and student are timed on the same
-machine in the same run). The overlay figure's predictions come from the bundles' own ``inference.json`` (teacher
-and each student of one run, on a few test cases), run as stages of the driver (skipped when done).
+The report reads, it never runs anything: each method's test ``metrics.json`` (``tsdk_teacher`` and ``tsdk_student``
+evaluate: Dice and HD95 on the test split), the stage markers in ``W/logs`` (seconds per stage), ``W/run.json`` (the
+plan: methods, seeds, numbers of labels, sizes), ``W/networks.json`` (parameters and CPU ms per image, measured by the
+driver) and the overlay predictions (the bundles' own ``inference.json`` on a few test cases, stages of the driver).
+Paths come from :class:`tsdk_monai.layout.RunLayout`.
 """
 
 from __future__ import annotations
@@ -14,15 +12,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json
+from tsdk_monai.layout import RunDirs, RunLayout
+from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
-__all__ = ["METHOD_LABELS", "collect_results", "measure_networks", "write_report"]
+__all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
 
 METHOD_LABELS = {
     "teacher": "teacher (LiteMedSAM + LoRA, reference)",
@@ -35,20 +33,12 @@ METHOD_LABELS = {
 }
 
 
-def _read_manifest(workdir: Path) -> dict[str, Any]:
-    f = Path(workdir) / "run.json"
-    if not f.is_file():
-        raise TSDKInputError(f"{f}: not found; is {workdir} a folder made by `tsdk run` or `tsdk demo`?")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise TSDKInputError(f"{f}: not valid JSON ({exc})") from exc
+def _manifest(layout: RunLayout) -> dict[str, Any]:
+    return read_json(layout.manifest, "not found; is this a folder made by `tsdk run` or `tsdk demo`?", "not valid JSON")
 
 
-def _metrics(run_dir: Path, method: str) -> tuple[float, float | None] | None:
-    """(mean test Dice, mean test HD95 or None) of one method of one run, from the ``metrics.json`` its evaluation
-    wrote (``tsdk_teacher`` and ``tsdk_student`` evaluate write the same layout); None when not evaluated yet."""
-    f = run_dir / ("teacher/test" if method == "teacher" else f"{method}/eval") / "metrics.json"
+def _metrics(f: Path) -> tuple[float, float | None] | None:
+    """(mean test Dice, mean test HD95 or None) from an evaluation's ``metrics.json``; None when not evaluated yet."""
     if not f.is_file():
         return None
     try:
@@ -59,10 +49,49 @@ def _metrics(run_dir: Path, method: str) -> tuple[float, float | None] | None:
         raise TSDKInputError(f"{f}: not a tsdk metrics file ({type(exc).__name__}: {exc})") from exc
 
 
-def _stage_seconds(workdir: Path, names: Sequence[str]) -> float | None:
+def _case_dice(f: Path) -> dict[str, float]:
+    """{image file name: foreground Dice (mean over the classes the image has)} from an evaluation's ``metrics.json``."""
+    out = {}
+    for case in json.loads(f.read_text()).get("cases", []):
+        vals = [v for v in (case.get("test_mean_dice") or {}).values() if v is not None]
+        if vals:
+            out[Path(case["image"]).name] = float(np.mean(vals))
+    return out
+
+
+def compare_to(workdir: Path, ours: str = "tskd", manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per number of labels, ``ours`` minus every other method: mean per-image test Dice difference and its paired
+    bootstrap 95% interval over the test images (each image's Dice averaged over the seeds both have)."""
+    from tsdk_monai.stats import paired_over_seeds
+
+    layout = RunLayout(workdir)
+    manifest = manifest or _manifest(layout)
+    if ours not in manifest["methods"]:
+        return []
+
+    def scores(method: str, n: int) -> dict[int, dict[str, float]]:
+        out = {}
+        for seed in manifest["seeds"]:
+            run = manifest["runs"].get(layout.key(seed, n))
+            f = RunDirs.of(run).metrics(method) if run else None
+            if f is not None and f.is_file():
+                out[seed] = _case_dice(f)
+        return out
+
+    found = []
+    for n in manifest["n_labeled"]:
+        mine = scores(ours, n)
+        for other in manifest["methods"]:
+            theirs = scores(other, n) if other != ours else {}
+            if mine and theirs:
+                found.append({"n_labeled": n, "method": other, **paired_over_seeds(mine, theirs)})
+    return found
+
+
+def _stage_seconds(layout: RunLayout, names: Sequence[str]) -> float | None:
     total = 0.0
     for n in names:
-        f = Path(workdir) / "logs" / f"{n}.stage.json"
+        f = layout.marker(n)
         if not f.is_file():
             return None
         rec = json.loads(f.read_text())
@@ -74,20 +103,19 @@ def _stage_seconds(workdir: Path, names: Sequence[str]) -> float | None:
 
 def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (method, n_labeled): per-seed Dice/HD95/stage seconds and their mean and std over seeds."""
-    w = Path(workdir)
-    manifest = manifest or _read_manifest(w)
+    layout = RunLayout(workdir)
+    manifest = manifest or _manifest(layout)
     rows = []
     for m in manifest["methods"]:
         for n in manifest["n_labeled"]:
             per_seed = []
             for seed in manifest["seeds"]:
-                key = f"seed{seed}_n{n}"
+                key = layout.key(seed, n)
                 run = manifest["runs"].get(key)
                 if run is None:
                     continue
-                run_dir = Path(run["dir"])
-                res = _metrics(run_dir, m)
-                secs = _stage_seconds(w, manifest["stages"].get(m, {}).get(key, []))
+                res = _metrics(RunDirs.of(run).metrics(m))
+                secs = _stage_seconds(layout, manifest["stages"].get(m, {}).get(key, []))
                 if res is not None:
                     per_seed.append({"seed": seed, "dice": res[0], "hd95": res[1], "seconds": secs})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})
@@ -103,57 +131,6 @@ def _summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
     (dm, ds), (hm, hs), (sm, _) = ms("dice"), ms("hd95"), ms("seconds")
     return {"dice_mean": dm, "dice_std": ds, "hd95_mean": hm, "hd95_std": hs, "seconds_mean": sm}
-
-
-# ------------------------------------------------------------------------------------------------- networks
-def _time_interleaved(nets: dict[str, tuple[Any, Sequence[int]]], repeats: int) -> dict[str, float]:
-    """Median ms of one forward per network; the networks take turns, so a change of machine load hits them alike."""
-    import torch
-
-    inputs = {k: torch.rand(*shape) for k, (_, shape) in nets.items()}
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    with torch.no_grad():
-        for k, (net, _) in nets.items():
-            net(inputs[k])  # warm-up
-        for _ in range(repeats):
-            for k, (net, _) in nets.items():
-                t0 = time.perf_counter()
-                net(inputs[k])
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
-
-
-def measure_networks(manifest: dict[str, Any], repeats: int = 5) -> dict[str, dict[str, Any]]:
-    """Parameters and CPU inference ms per image (batch 1, at the run's input size) of the student and the teacher."""
-    import torch
-
-    from tsdk_monai.networks.students import build_student
-
-    sizes = manifest["sizes"]
-    nets: dict[str, tuple[Any, Sequence[int]]] = {}
-    names: dict[str, str] = {}
-    if any(m != "teacher" for m in manifest["methods"]):
-        net = build_student(sizes["student"], in_channels=1, num_classes=manifest["num_classes"],
-                            img_size=sizes["student_size"]).eval()
-        nets["student"] = (net, (1, 1, sizes["student_size"], sizes["student_size"]))
-        names["student"] = sizes["student"]
-    if "teacher" in manifest["methods"]:
-        from tsdk_monai.networks import load_teacher
-
-        for run in manifest["runs"].values():
-            tdir = Path(run["dir"]) / "teacher" / "models" / "teacher"
-            if (tdir / "model.pt").is_file():
-                nets["teacher"] = (load_teacher(tdir, merged=True).eval(),
-                                   (1, 1, sizes["teacher_size"], sizes["teacher_size"]))
-                names["teacher"] = "teacher"
-                break
-    ms = _time_interleaved(nets, repeats) if nets else {}
-    out: dict[str, dict[str, Any]] = {
-        k: {"name": names[k], "params": sum(p.numel() for p in net.parameters()), "ms": ms[k], "size": shape[-1]}
-        for k, (net, shape) in nets.items()
-    }
-    out["threads"] = {"torch_threads": torch.get_num_threads()}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -211,37 +188,23 @@ def _dice_fg(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def _overlay_datalist(split: Path, k: int) -> Path:
-    """``overlay_datalist.json`` beside the split's datalist: its test split cut to ``k`` evenly spaced cases."""
-    raw = json.loads(Path(split).read_text())
-    test = raw.get("test", [])
-    if not test:
-        raise TSDKInputError(f"{split}: no test cases for the overlay figure")
-    idx = sorted({round(i * (len(test) - 1) / max(1, k - 1)) for i in range(min(k, len(test)))})
-    out = dict(raw, test=[test[i] for i in idx], description=f"{len(idx)} test cases of {split} for the report figures")
-    return atomic_write_json(Path(split).parent / "overlay_datalist.json", out)
-
-
-def _plot_overlays(workdir: Path, manifest: dict[str, Any], runner: Any, k: int, path: Path) -> tuple[Path, str] | None:
+def _plot_overlays(manifest: dict[str, Any], path: Path) -> tuple[Path, str] | None:
+    """The overlay figure from the predictions the driver's overlay stages wrote; None when there are none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from tsdk_monai.data import image_stem, load_split, read_array
-    from tsdk_monai.pipeline import overlay_stages
 
-    seed, n = manifest["seeds"][0], min(manifest["n_labeled"])
-    key = f"seed{seed}_n{n}"
-    run = manifest["runs"][key]
-    datalist = _overlay_datalist(Path(run["datalist"]), k)
-    stages = overlay_stages(workdir, manifest, key, datalist)
-    if not stages:
+    overlay = manifest.get("overlay") or {}
+    dirs = {m: Path(d) for m, d in overlay.get("dirs", {}).items() if Path(d).is_dir()}
+    if not dirs:
         return None
-    for st in stages.values():
-        runner.run(st)
+    key, datalist = overlay["key"], Path(overlay["datalist"])
+    seed, n = manifest["runs"][key]["seed"], manifest["runs"][key]["n_labeled"]
     cases = load_split(datalist, "test")
-    cols = ["image", "ground truth"] + [m for m in manifest["methods"] if m in stages]
+    cols = ["image", "ground truth"] + [m for m in manifest["methods"] if m in dirs]
     fig, axes = plt.subplots(len(cases), len(cols), figsize=(2.3 * len(cols), 2.4 * len(cases)), squeeze=False)
     cmap = matplotlib.colormaps["autumn"]
     for r, case in enumerate(cases):
@@ -259,11 +222,10 @@ def _plot_overlays(workdir: Path, manifest: dict[str, Any], runner: Any, k: int,
             elif col == "ground truth":
                 title, mask = "ground truth", gt
             else:
-                files = sorted(Path(stages[col].outputs[0]).glob(f"{stem}_seg*")) or sorted(
-                    Path(stages[col].outputs[0]).rglob(f"{stem}*"))
+                files = sorted(dirs[col].glob(f"{stem}_seg*")) or sorted(dirs[col].rglob(f"{stem}*"))
                 if not files:
-                    raise TSDKInputError(f"{stages[col].outputs[0]}: no prediction for {case['image']} "
-                                         f"(see {Path(workdir) / 'logs' / (stages[col].name + '.log')})")
+                    raise TSDKInputError(f"{dirs[col]}: no prediction for {case['image']} (see the overlay stage's "
+                                         "log in logs/)")
                 mask = _slice2d(read_array(files[0], "prediction")).astype(np.int64)
                 if mask.shape != gt.shape:
                     raise TSDKInputError(f"{files[0]}: prediction size {mask.shape} differs from the label's {gt.shape}")
@@ -302,31 +264,21 @@ def _table(rows: list[dict[str, Any]], nets: dict[str, dict[str, Any]], n_seeds:
     return "\n".join(lines)
 
 
-def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3, repeats: int = 5,
-                 print_table: bool = True) -> str:
-    """Write ``W/report.md``, ``W/plots/dice_vs_labels.png`` and ``W/plots/overlays.png``; return the table.
+def write_report(workdir: str | Path, print_table: bool = True) -> str:
+    """Write ``W/report.md``, ``W/report.json``, ``W/plots/dice_vs_labels.png`` and (when the driver made its
+    predictions) ``W/plots/overlays.png`` from what the stages wrote; return the table.
 
     Args:
         workdir: a folder made by ``tsdk run`` (holds ``run.json``).
-        runner: the :class:`~tsdk_monai.pipeline.StageRunner` for the overlay inference stages (default: a new one).
-        overlay_cases: test cases in the overlay figure.
-        repeats: timing repeats per network (median kept).
         print_table: print the table (and where the report is).
     """
-    from tsdk_monai.pipeline import StageRunner
-
-    w = Path(workdir).absolute()
-    manifest = _read_manifest(w)
+    layout = RunLayout(workdir)
+    w = layout.root
+    manifest = _manifest(layout)
     rows = collect_results(w, manifest)
-    own = runner is None
-    runner = runner or StageRunner(w)
-    try:
-        overlay = _plot_overlays(w, manifest, runner, overlay_cases, w / "plots" / "overlays.png")
-    finally:
-        if own:
-            runner.close()
-    nets = measure_networks(manifest, repeats)
-    _plot_dice(rows, manifest, w / "plots" / "dice_vs_labels.png")
+    overlay = _plot_overlays(manifest, layout.plots / "overlays.png")
+    nets = json.loads(layout.networks.read_text()) if layout.networks.is_file() else {}
+    _plot_dice(rows, manifest, layout.plots / "dice_vs_labels.png")
     table = _table(rows, nets, len(manifest["seeds"]))
     sizes = manifest["sizes"]
     ratio = ""
@@ -334,7 +286,7 @@ def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3
         ratio = (f"The student runs {nets['teacher']['ms'] / nets['student']['ms']:.1f}x faster than the teacher and has "
                  f"{nets['teacher']['params'] / nets['student']['params']:.1f}x fewer parameters (measured in this run). ")
     stage_rows = ["| stage | minutes |", "|---|---|"]
-    for f in sorted((w / "logs").glob("*.stage.json")):
+    for f in sorted(layout.logs.glob("*.stage.json")):
         rec = json.loads(f.read_text())
         if rec.get("state", "done") == "done":
             stage_rows.append(f"| {f.name[:-len('.stage.json')]} | {float(rec.get('seconds', 0)) / 60:.1f} |")
@@ -348,11 +300,13 @@ def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3
         "",
         table,
         "",
-        f"Parameters and CPU ms / image: batch 1 forward at the size shown, median of {repeats} repeats taken in turns, "
-        f"{nets['threads']['torch_threads']} torch threads, measured when this report was written. {ratio}"
+        (f"Parameters and CPU ms / image: batch 1 forward at the size shown, median of {nets['threads']['repeats']} "
+         f"repeats taken in turns, {nets['threads']['torch_threads']} torch threads, measured by the driver after the "
+         f"stages (`networks.json`). {ratio}" if nets else "")+
         "Stage minutes: wall time of every stage the row needs (shared label-free stages and the teacher included), "
         "mean over seeds: the compute budget of the row. Test HD95: 95th-percentile Hausdorff distance in pixels at "
-        "the evaluation size, mean over the test cases.",
+        "the evaluation size, mean over the test cases and classes; a class missed in an image that has it, or "
+        "predicted in one that has not, counts as the image diagonal (not left out).",
         "",
         "## Dice vs number of labels",
         "",
@@ -364,6 +318,15 @@ def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3
         md += ["## Test cases", "",
                f"Predictions of the `{key}` models through each bundle's `inference.json` "
                "(per-image foreground Dice in the titles).", "", "![overlays](plots/overlays.png)", ""]
+    comparisons = compare_to(w, manifest=manifest)
+    if comparisons:
+        md += ["## TS-KD minus each method", "",
+               "Mean over the test images of TS-KD's foreground Dice minus the other method's (each image's Dice "
+               "averaged over the seeds both ran), with a paired bootstrap 95% interval (10000 resamples of the test "
+               "images). An interval above 0: TS-KD is better on these test images beyond image-sampling noise.", "",
+               "| labels | minus | mean Δ Dice | 95% interval | images | seeds |", "|---|---|---|---|---|---|",
+               *[f"| {c['n_labeled']} | {METHOD_LABELS.get(c['method'], c['method'])} | {c['mean']:+.3f} | "
+                 f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['n']} | {c['seeds']} |" for c in comparisons], ""]
     md += [
         "## Schedule", "",
         "| setting | value |", "|---|---|",
@@ -372,9 +335,9 @@ def write_report(workdir: str | Path, runner: Any = None, overlay_cases: int = 3
         "", "## Stage times", "", *stage_rows, "",
         "Every stage's exact `python -m monai.bundle run` command is the first line of its log in `logs/`.", "",
     ]
-    atomic_write_bytes(w / "report.md", "\n".join(md).encode("utf-8"))
-    atomic_write_json(w / "report.json", {"rows": rows, "networks": nets})
+    atomic_write_bytes(layout.report, "\n".join(md).encode("utf-8"))
+    atomic_write_json(layout.report_json, {"rows": rows, "networks": nets, "tskd_minus": comparisons})
     if print_table:
         print(table)
-        print(f"\nreport: {w / 'report.md'}; plots: {w / 'plots'}", flush=True)
+        print(f"\nreport: {layout.report}; plots: {layout.plots}", flush=True)
     return table

@@ -20,12 +20,11 @@ stage read (and copy into its outputs) files outside the data set's folder.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from tsdk_monai.utils import TSDKInputError
+from tsdk_monai.utils import TSDKInputError, read_json
 
 __all__ = ["SPLITS", "LABELLED_SPLITS", "ALLOW_OUTSIDE_ENV", "load_datalist", "load_split", "num_classes_of"]
 
@@ -40,12 +39,7 @@ def _allow_outside(value: bool | None) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise TSDKInputError(f"{path}: datalist file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TSDKInputError(f"{path}: not a valid JSON datalist ({exc})") from exc
+    data = read_json(path, "datalist file not found", "not a valid JSON datalist")
     if not isinstance(data, dict):
         raise TSDKInputError(f"{path}: a datalist must be a JSON object with keys {', '.join(SPLITS)}")
     return data

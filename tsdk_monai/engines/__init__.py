@@ -1,5 +1,7 @@
-"""Engines built on MONAI/ignite workflows: the diffusion trainer and sampler (synthesis stage)."""
+"""What the stages' MONAI trainers need beyond MONAI: the diffusion trainer and sampler (synthesis stage), the
+distillation's prepare-batch and teacher cache, autocast on any device type."""
 
+from tsdk_monai.engines.amp import amp_dtype, autocast
 from tsdk_monai.engines.diffusion import (
     DiffusersInferer,
     DiffusionTrainer,
@@ -7,27 +9,12 @@ from tsdk_monai.engines.diffusion import (
     diffusion_training_cases,
     load_weights,
 )
+from tsdk_monai.engines.distill import DistillationPrepareBatch, TeacherCache, cache_tag, teacher_targets
 from tsdk_monai.engines.sampler import SYNTHETIC_DATALIST, DiffusionSampler, encode_image, sample_images
 
 __all__ = [
+    "amp_dtype", "autocast",
     "DiffusersInferer", "DiffusionTrainer", "MinSNRLoss", "diffusion_training_cases", "load_weights",
+    "DistillationPrepareBatch", "TeacherCache", "cache_tag", "teacher_targets",
     "SYNTHETIC_DATALIST", "DiffusionSampler", "encode_image", "sample_images",
-]
-
-# distillation stage (issue 5)
-from tsdk_monai.engines.distill import (  # noqa: E402
-    DistillationTrainer,
-    TeacherCache,
-    TeacherLabeld,
-    TeacherTargets,
-    build_transfer_set,
-    load_distill_teacher,
-    save_student,
-    student_forward,
-    unwrap_module,
-)
-
-__all__ += [
-    "DistillationTrainer", "TeacherCache", "TeacherLabeld", "TeacherTargets", "build_transfer_set", "student_forward",
-    "unwrap_module", "load_distill_teacher", "save_student",
 ]

@@ -18,7 +18,7 @@ import torch
 from monai.engines import DiffusionPrepareBatch, SupervisedTrainer, VPredictionPrepareBatch
 from monai.inferers import Inferer
 
-from tsdk_monai.utils import TSDKInputError, load_error
+from tsdk_monai.utils import TSDKInputError, load_state_dict_strict, read_checkpoint
 
 __all__ = [
     "DiffusersInferer",
@@ -218,10 +218,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | S
     path = Path(path)
     if not path.is_file():
         raise TSDKInputError(f"{path}: checkpoint not found (train the synthesis bundle first, or set ckpt_path)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of many types
-        raise load_error(path, "checkpoint", exc) from exc
+    ckpt = read_checkpoint(path, "checkpoint")
     keys = [key] if isinstance(key, str) else list(key)
     if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state, used = ckpt, ""
@@ -231,12 +228,6 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | S
             have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
             raise TSDKInputError(f"{path}: checkpoint has none of the entries {keys} (has {have})")
         state = ckpt[used]
-    target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as exc:
-        raise TSDKInputError(
-            f"{path}: the weights do not fit the network (check image_size and network_def): {exc}"
-        ) from exc
+    load_state_dict_strict(network, state, path, "the")  # a mismatch: another image_size or network_def
     logger.info("loaded %s weights from %s", used or "plain", path)
     return used

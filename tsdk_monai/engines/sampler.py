@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json
+from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, unwrap
 
 __all__ = ["SYNTHETIC_DATALIST", "sample_images", "encode_image", "DiffusionSampler"]
 
@@ -81,7 +81,7 @@ def sample_images(
             f"num_images, batch_size and num_inference_steps must be >= 1 (got {num_images}, {batch_size}, "
             f"{num_inference_steps})"
         )
-    model = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+    model = unwrap(network)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     size = model.config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from tsdk_monai.utils import TSDKInputError, load_error
+from tsdk_monai.utils import TSDKInputError, check_state_dict, read_checkpoint
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "CheckedCheckpointLoader"]
 
@@ -134,27 +134,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
 class CheckedCheckpointLoader(CheckpointLoader):
     """``monai.handlers.CheckpointLoader`` (same arguments; it reads with ``torch.load(..., weights_only=True)``) whose
     errors name the file: missing, not a complete checkpoint, refused because it needs pickle to load (it could run
-    code), or weights that do not fit the network. For checkpoints a user brings (``model.pt`` of a model zoo)."""
+    code), without an object this run restores, or with weights that do not fit the network. For checkpoints a user
+    brings (``model.pt`` of a model zoo) and for resuming. The file is checked first (read by
+    :func:`~tsdk_monai.utils.read_checkpoint`, names and shapes compared), then MONAI loads it."""
 
     def __call__(self, engine: Any) -> None:
-        import pickle
+        import torch
 
         path = Path(self.load_path)
-        if not path.is_file():
-            raise TSDKInputError(f"{path}: checkpoint not found")
-        try:
-            super().__call__(engine)
-        except pickle.UnpicklingError as exc:
-            raise load_error(path, "checkpoint", exc) from exc
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "state_dict" in str(exc):
-                raise TSDKInputError(f"{path}: the weights do not fit the network ({first})") from exc
-            if "PytorchStreamReader" in str(exc) or "zip" in str(exc):
-                raise TSDKInputError(f"{path}: not a complete checkpoint file ({first})") from exc
-            raise
-        except ValueError as exc:  # ignite: an object of load_dict is not in the file (an older version wrote it)
-            if "is not found in" in str(exc):
-                raise TSDKInputError(f"{path}: does not hold every object this run restores ({exc}); written by "
-                                     "another version of the bundle?") from exc
-            raise
+        checkpoint = read_checkpoint(path, "checkpoint")
+        if not isinstance(checkpoint, Mapping):
+            raise TSDKInputError(f"{path}: not a checkpoint (got {type(checkpoint).__name__})")
+        first = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and first not in checkpoint:  # a plain state dict, as MONAI accepts it
+            checkpoint = {first: checkpoint}
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing:
+            raise TSDKInputError(f"{path}: does not hold every object this run restores (missing {missing}); written "
+                                 "by another version of the bundle?")
+        if self.strict and self.strict_shape:
+            for k, obj in self.load_dict.items():
+                if isinstance(obj, torch.nn.Module):
+                    check_state_dict(obj, checkpoint[k], path, f"its '{k}'")
+        super().__call__(engine)

@@ -29,14 +29,18 @@ class MetricsJSONSaver:
         class_names: names of the classes the metrics' columns stand for (background excluded, as the metrics are
             computed with ``include_background=False``).
         image_key: the key of the image in each decollated item.
+        distance_metric: the evaluation's :class:`~tsdk_monai.metrics.MissAwareHausdorffDistanceMetric`, whose counts
+            of missed and invented structures (scored as the image diagonal) go into the file as
+            ``empty_predictions`` and ``invented``.
     """
 
     def __init__(self, output_path: str, metric_names: Sequence[str], class_names: Sequence[str] | None = None,
-                 image_key: str = "image") -> None:
+                 image_key: str = "image", distance_metric: Any = None) -> None:
         self.output_path = Path(output_path)
         self.metric_names = list(metric_names)
         self.class_names = list(class_names) if class_names is not None else None
         self.image_key = image_key
+        self.distance_metric = distance_metric
         self._names: list[str] = []
 
     def attach(self, engine: Any) -> None:
@@ -65,4 +69,7 @@ class MetricsJSONSaver:
             result["per_class_mean"][name] = {c: _finite(torch.nanmean(d[:, i]).item()) for i, c in enumerate(cols)}
             for case, row in zip(result["cases"], d):
                 case[name] = {c: _finite(v) for c, v in zip(cols, row.tolist())}
+        if self.distance_metric is not None:
+            result["empty_predictions"] = int(self.distance_metric.empty_predictions)
+            result["invented"] = int(self.distance_metric.invented)
         atomic_write_json(self.output_path, result)

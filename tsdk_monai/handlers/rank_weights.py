@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
 from typing import Mapping
 
-import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
-from tsdk_monai.utils import atomic_write_bytes
+from tsdk_monai.utils import rank_of, save_state_dict, unwrap
 
 __all__ = ["RankWeightsSaver"]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else module
 
 
 class RankWeightsSaver:
@@ -46,16 +40,8 @@ class RankWeightsSaver:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> Path:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        state = {
-            f"{name}.{k}": v.detach().cpu().clone()
-            for name, module in self.modules.items()
-            for k, v in _unwrap(module).state_dict().items()
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        path = atomic_write_bytes(Path(self.save_dir) / f"rank{rank}.pt", buf.getvalue())
+        rank = rank_of()
+        state = {f"{name}.{k}": v for name, module in self.modules.items() for k, v in unwrap(module).state_dict().items()}
+        path = save_state_dict(state, Path(self.save_dir) / f"rank{rank}.pt")
         self.logger.info("rank %d saved its weights (%d tensors) to %s", rank, len(state), path)
         return path

@@ -88,11 +88,10 @@ class TeacherSaver:
             self.save(engine)
 
     def save(self, engine: Engine | None = None) -> None:
-        import torch.distributed as dist
+        from tsdk_monai.networks.teacher_io import save_teacher
+        from tsdk_monai.utils import rank_of
 
-        from tsdk_monai.networks.teacher import save_teacher
-
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if rank_of() != 0:
             return
         path = save_teacher(self.network, self.save_dir)
         self.logger.info(

@@ -21,6 +21,8 @@ equal the teacher embedding (feature term) and, for the Dice term, when the teac
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,10 +82,9 @@ class TaskSpecificKDLoss(nn.Module):
         temperature: KD temperature ``T``.
         include_background: whether the Dice term counts the background channel.
 
-    ``forward(student_logits, teacher_logits, student_features=None, teacher_features=None)`` returns the
-    scalar loss; the weighted terms of the last call are in ``last_terms`` (detached floats) for logging.
-    Shapes: logits ``(B, C, H, W)`` for both; features ``(B, student_channels, h_s, w_s)`` and
-    ``(B, teacher_channels, h_t, w_t)``.
+    ``forward(student, teacher)`` takes two dicts ``{"logits", "features"}`` (logits ``(B, C, H, W)`` for both;
+    features ``(B, student_channels, h_s, w_s)`` and ``(B, teacher_channels, h_t, w_t)``) and returns the scalar
+    loss; the weighted terms of the last call are in ``last_terms`` (detached floats) for logging.
     """
 
     needs_logits = True
@@ -125,36 +126,35 @@ class TaskSpecificKDLoss(nn.Module):
         if student_features.shape[0] != teacher_features.shape[0]:
             raise ValueError(f"batch sizes differ: student features {tuple(student_features.shape)}, "
                              f"teacher features {tuple(teacher_features.shape)}")
-        pred = self.projection(student_features, teacher_features.shape[-2:])
+        pred = self.projection(student_features.float(), teacher_features.shape[-2:])  # float32 under autocast too
         return F.mse_loss(pred.float(), teacher_features.float())
 
-    def forward(
-        self,
-        student_logits: torch.Tensor | None,
-        teacher_logits: torch.Tensor | None,
-        student_features: torch.Tensor | None = None,
-        teacher_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, student: Mapping[str, torch.Tensor | None], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``student``: ``{"logits": (B, C, H, W), "features": (B, Cs, h_s, w_s) or None}`` (what
+        :class:`~tsdk_monai.inferers.FeatureInferer` returns); ``teacher``: ``{"logits": ..., "features": ...}`` (the
+        distillation prepare-batch's targets; only the ones the loss needs). Returns the scalar loss."""
+        s_logits, t_logits = student.get("logits"), teacher.get("logits")
         terms: dict[str, torch.Tensor] = {}
         if self.alpha > 0 or self.beta > 0:
-            if student_logits is None or teacher_logits is None:
-                raise ValueError("alpha > 0 or beta > 0 needs student_logits and teacher_logits")
-            teacher_logits = teacher_logits.detach()
+            if s_logits is None or t_logits is None:
+                raise ValueError("alpha > 0 or beta > 0 needs student and teacher logits")
+            t_logits = t_logits.detach()
         if self.alpha > 0:
-            terms["kd_kl"] = self.alpha * kd_kl_div(student_logits, teacher_logits, self.temperature)
+            terms["kd_kl"] = self.alpha * kd_kl_div(s_logits, t_logits, self.temperature)
         if self.beta > 0:
-            hard = teacher_logits.argmax(dim=1, keepdim=True)
-            terms["kd_dice"] = self.beta * self.dice(student_logits.float(), hard)
+            hard = t_logits.argmax(dim=1, keepdim=True)
+            terms["kd_dice"] = self.beta * self.dice(s_logits.float(), hard)
         if self.gamma > 0:
+            t_feats = teacher.get("features")
             terms["kd_feat"] = self.gamma * self.feature_term(
-                student_features, None if teacher_features is None else teacher_features.detach()
-            )
+                student.get("features"), None if t_feats is None else t_feats.detach())
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         return torch.stack(list(terms.values())).sum()
 
 
 class TaskAgnosticKDLoss(TaskSpecificKDLoss):
-    """Feature-only distillation: ``gamma * MSE(resize(proj(f_s)), e_t)``; the logits arguments are ignored.
+    """Feature-only distillation: ``gamma * MSE(resize(proj(f_s)), e_t)``; logits are not used (under
+    ``DistributedDataParallel`` the decoder then gets no gradient: wrap the student with ``find_unused_parameters``).
 
     Args:
         student_channels: the student's ``feature_channels``.
@@ -168,12 +168,3 @@ class TaskAgnosticKDLoss(TaskSpecificKDLoss):
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0 for feature-only distillation, got {gamma}")
         super().__init__(student_channels, teacher_channels, alpha=0.0, beta=0.0, gamma=gamma)
-
-    def forward(
-        self,
-        student_logits: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-        student_features: torch.Tensor | None = None,
-        teacher_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return super().forward(None, None, student_features, teacher_features)

@@ -222,29 +222,17 @@ def build_student(
     return STUDENTS[name](in_channels=int(in_channels), num_classes=int(num_classes), img_size=img_size, **kwargs)
 
 
-def load_student_weights(network: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+def load_student_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a student's weights from ``path`` (``torch.load(..., weights_only=True)``) into ``network``; return it.
 
     Accepts a plain state dict (``student_distilled.pt``, ``model.pt``) or one wrapped as ``{"model": ...}`` /
-    ``{"state_dict": ...}``; a ``module.`` prefix (saved from ``DistributedDataParallel``) is removed.
+    ``{"state_dict": ...}``; a ``module.`` prefix (saved from ``DistributedDataParallel``) is removed. Strict: every
+    name and shape must match.
 
     Raises:
         TSDKInputError: the file is missing or unreadable, or its keys/shapes do not fit ``network`` (naming the
-            file and the first mismatches).
+            file and the first mismatches; was it saved for another student, num_classes or in_channels?).
     """
-    from tsdk_monai.utils import TSDKInputError, read_state_dict
+    from tsdk_monai.utils import load_state_dict_strict, read_state_dict
 
-    state = read_state_dict(path, "student weights")
-    state = {(k[7:] if str(k).startswith("module.") else str(k)): v for k, v in state.items()}
-    inner = network.module if hasattr(network, "module") and isinstance(network.module, nn.Module) else network
-    own = inner.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if wrong or (strict and (missing or unexpected)):
-        raise TSDKInputError(
-            f"{path}: the weights do not fit {type(inner).__name__}: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); "
-            "was it saved for another student, num_classes or in_channels?"
-        )
-    inner.load_state_dict(state, strict=strict)
-    return network
+    return load_state_dict_strict(network, read_state_dict(path, "student weights"), path, "the student")

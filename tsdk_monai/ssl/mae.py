@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tsdk_monai.ssl.method import MethodState
+
 __all__ = [
     "random_patch_mask",
     "PatchMasker",
@@ -153,7 +155,7 @@ def build_reconstruction_student(name: str, in_channels: int = 1, img_size: int 
     return STUDENTS[name](in_channels=int(in_channels), num_classes=int(in_channels), img_size=img_size, **kwargs)
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(MethodState, nn.Module):
     """Masked image modelling with a student as encoder-decoder (see the module docstring).
 
     Args:
@@ -180,17 +182,6 @@ class MaskedAutoencoder(nn.Module):
     def student(self) -> nn.Module:
         """The student whose weights initialise the segmentation student."""
         return self.network
-
-    def get_extra_state(self) -> torch.Tensor:
-        """The method's name in the state dict (``_extra_state``), so a resume checkpoint of another method is refused."""
-        from tsdk_monai.ssl.trainer import method_state
-
-        return method_state(self.method)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        from tsdk_monai.ssl.trainer import check_method_state
-
-        check_method_state(state, self.method)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         masked, mask = self.masker(x, mask)

@@ -4,8 +4,9 @@
   pooled to ``(B, Cs)``, then a projection MLP (3 layers, as MoCo v3 for ViTs) to ``(B, dim)``; the query side
   adds a prediction MLP (2 layers). Only the student's encoder trains: its decoder is never called, so it keeps
   its initialisation (under ``DistributedDataParallel`` use ``find_unused_parameters=True``).
-- Momentum encoder: a copy of student + projector, no gradients, moved after every optimiser step by an EMA
-  ``theta_m <- m * theta_m + (1 - m) * theta`` (:meth:`MoCoV3.momentum_update`; ``m`` fixed from the config,
+- Momentum encoder: a copy of student + projector, no gradients, moved at the start of every training step by an
+  EMA ``theta_m <- m * theta_m + (1 - m) * theta`` (:meth:`MoCoV3.momentum_update`, as MoCo v3's ``forward``; so
+  the objective is a plain module for any trainer and ``DistributedDataParallel``; ``m`` fixed from the config,
   0.99 by default; MoCo v3 ramps ``m`` to 1 with a cosine, which we leave out for short schedules).
 - Loss: symmetric InfoNCE ``ctr(q1, k2) + ctr(q2, k1)``, ``ctr(q, k) = 2 tau * CE(q k^T / tau, positives on
   the diagonal)`` with L2-normalised ``q``, ``k`` and temperature ``tau`` (0.2). Under ``torch.distributed`` the
@@ -33,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tsdk_monai.ssl.method import MethodState
 
 __all__ = ["MLPHead", "InfoNCELoss", "MoCoV3", "concat_all_gather"]
 
@@ -119,7 +122,7 @@ class InfoNCELoss(nn.Module):
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(MethodState, nn.Module):
     """MoCo v3 on a student's encoder (see the module docstring).
 
     Args:
@@ -156,17 +159,6 @@ class MoCoV3(nn.Module):
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.criterion = InfoNCELoss(temperature, gather_keys)
 
-    def get_extra_state(self) -> torch.Tensor:
-        """The method's name in the state dict (``_extra_state``), so a resume checkpoint of another method is refused."""
-        from tsdk_monai.ssl.trainer import method_state
-
-        return method_state(self.method)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        from tsdk_monai.ssl.trainer import check_method_state
-
-        check_method_state(state, self.method)
-
     @staticmethod
     def _pooled(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> globally average-pooled encoder features ``(N, feature_channels)``."""
@@ -180,6 +172,8 @@ class MoCoV3(nn.Module):
         h1, h2 = self._pooled(self.student, both).split(b)
         q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
+            if self.training:  # as MoCo v3: move the momentum encoder towards the current weights, then take keys
+                self.momentum_update()
             m1, m2 = self._pooled(self.momentum_student, both).split(b)
             k1, k2 = self.momentum_projector(m1), self.momentum_projector(m2)
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
@@ -191,12 +185,9 @@ class MoCoV3(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, momentum: float | None = None) -> None:
-        """``theta_m <- m * theta_m + (1 - m) * theta`` for the momentum student and projector (call after each
-        optimiser step)."""
+        """``theta_m <- m * theta_m + (1 - m) * theta`` for the momentum student and projector (``forward`` calls it in
+        training mode before it computes the keys, as MoCo v3 does: the keys of step ``t`` come from the momentum
+        encoder moved towards the weights of step ``t - 1``)."""
         m = self.momentum if momentum is None else float(momentum)
         for p, pm in self._pairs():
             pm.mul_(m).add_(p.detach(), alpha=1.0 - m)
-
-    def after_step(self) -> None:
-        """Called by :class:`~tsdk_monai.ssl.SSLTrainer` after every optimiser step."""
-        self.momentum_update()

@@ -1,0 +1,33 @@
+"""Benchmark: the full method table on PSFHS, the hard multi-class development set (issue 14).
+
+PSFHS (Chen et al. 2024, CC BY 4.0; ``../shared/data/psfhs``, see its SOURCE.md): 1358 intrapartum transperineal
+ultrasound images at 256x256, two classes: the pubic symphysis (~2.5% of the pixels, a thin, low-contrast structure
+at the image border) and the fetal head (large, with a shadowed, partly missing boundary). Speckle, shadowing and a
+fan-shaped field of view; no patient ids, so the split groups blocks of 10 consecutive image ids.
+
+Same code path and schedules as ``bench/hc18_table.py`` (``tsdk run --preset cpu|full|smoke``):
+
+    python bench/psfhs_table.py                   # CPU schedule, 20 and 80 labels, seed 0
+    python bench/psfhs_table.py --seeds 0,1,2     # three seeds: mean ± std and TS-KD's paired bootstrap intervals
+    python bench/psfhs_table.py --data DIR        # a copy elsewhere (images/ and labels/)
+
+Measured (2026-12-02, CPU schedule, seed 0, on a loaded 2-core machine: 214 min of wall time for the 7 methods x
+2 numbers of labels): test Dice teacher 0.711 / 0.758 (20 / 80 labels), scratch 0.735 / 0.778, TS-KD 0.778 / 0.832.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hc18_table import main as table_main  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> str:
+    return table_main(["--dataset", "psfhs", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The shape of the package: no import circle between its modules, no module over ~350 lines, no side effect on import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tsdk_monai"
+MAX_LINES = 350
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _exports(modules: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """package -> {name: the submodule its ``__init__`` imports it from}."""
+    out: dict[str, dict[str, str]] = {}
+    for name, path in modules.items():
+        if path.name != "__init__.py":
+            continue
+        table: dict[str, str] = {}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tsdk_monai"):
+                for alias in node.names:
+                    table[alias.asname or alias.name] = node.module
+        out[name] = table
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (at the top or inside functions), an import of a name from a package
+    resolved to the submodule that defines it (a package's ``__init__`` re-exporting its submodules is no circle)."""
+    modules = _modules()
+    exports = _exports(modules)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tsdk_monai"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    if target in modules:  # `from tsdk_monai.pkg import submodule`
+                        deps.add(target)
+                    elif node.module in exports and path.name != "__init__.py":
+                        deps.add(exports[node.module].get(alias.name, node.module))
+                    else:
+                        deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("tsdk_monai")}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_circle():
+    graph = import_graph()
+    assert "tsdk_monai.report" in graph and "tsdk_monai.layout" in graph["tsdk_monai.report"]
+    cycle = _cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+    # the checker finds one when there is one
+    assert _cycle({**graph, "tsdk_monai.layout": graph["tsdk_monai.layout"] | {"tsdk_monai.report"}})
+
+
+def test_no_module_over_the_size_limit():
+    sizes = {name: len(p.read_text().splitlines()) for name, p in _modules().items()}
+    over = {k: v for k, v in sizes.items() if v > MAX_LINES}
+    assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_importing_the_package_changes_nothing_global():
+    """No excepthook, warning filter or logging handler is installed by importing any of the package's modules."""
+    names = sorted(n for n in _modules() if not n.endswith("__main__"))
+    code = (
+        "import sys, warnings, logging\n"
+        "hook, filters, handlers = sys.excepthook, list(warnings.filters), list(logging.getLogger().handlers)\n"
+        f"import importlib\n[importlib.import_module(m) for m in {names!r}]\n"
+        "assert sys.excepthook is hook, 'excepthook changed'\n"
+        "assert logging.getLogger().handlers == handlers, 'root logging handlers changed'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

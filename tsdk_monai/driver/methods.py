@@ -1,0 +1,191 @@
+"""The method graph: which bundle runs, with which overrides, make each method of the comparison.
+
+Every override is one of the few documented top-level knobs every training bundle has (``epochs``, ``learning_rate``,
+``seed``, ``image_size``, ``batch_size``, ``resume``) or a documented knob of that bundle (``teacher_ckpt``,
+``synthetic_datalist``, ``init_ckpt``, ...); the driver never writes a bundle's inner keys. Baselines are the same
+bundles with other overrides (DESIGN section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tsdk_monai.layout import RunDirs
+from tsdk_monai.driver.stages import Stage
+
+__all__ = ["METHODS", "Schedule", "method_stages", "overlay_stages"]
+
+#: every method of the comparison; ``teacher`` is the reference row, the others are students.
+METHODS = ("teacher", "scratch", "task_agnostic_kd", "mae", "mocov3", "tskd_no_synth", "tskd")
+
+
+@dataclass
+class Schedule:
+    """Schedule sizes; the defaults fit the demo (tiny data) in minutes on 2 CPU cores.
+
+    ``iterations_like``: when set, ``teacher_epochs`` and ``student_epochs`` are meant for that many labelled cases;
+    a run with ``n`` labels gets ``round(iterations_like / n)`` times as many epochs (and validates that much less
+    often), so every number of labels trains for about the same number of iterations. ``extra`` maps a bundle name
+    (``tsdk_synthesis``, ...) to more overrides for every stage of that bundle.
+    """
+
+    student: str = "unet_small"
+    student_size: int = 128
+    teacher_size: int = 128
+    teacher_epochs: int = 8
+    teacher_batch: int = 4
+    synth_size: int = 64
+    synth_epochs: int = 20
+    synth_images: int = 16
+    synth_steps: int = 20
+    fid_real_images: int = 32
+    distill_epochs: int = 10
+    ssl_epochs: int = 10
+    student_epochs: int = 12
+    batch_size: int = 8
+    iterations_like: int | None = None
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def epoch_scale(self, n_labeled: int) -> int:
+        """The factor of the teacher's and the students' fine-tuning epochs for ``n_labeled`` labels."""
+        if not self.iterations_like:
+            return 1
+        return max(1, round(self.iterations_like / max(1, int(n_labeled))))
+
+
+def method_stages(
+    datalist: Path,
+    dirs: RunDirs,
+    s: Schedule,
+    *,
+    pool_datalist: Path | None = None,
+    seed: int = 0,
+    prefix: str = "",
+    shared_prefix: str = "",
+    epoch_scale: int = 1,
+) -> dict[str, list[Stage]]:
+    """The stages of each method: method name -> its stages, in order (a stage shared by methods is one object).
+
+    Args:
+        datalist: the few-label datalist; the stages that use labels write under ``dirs.labelled``.
+        dirs: the run's folders (:class:`~tsdk_monai.layout.RunDirs`).
+        pool_datalist: a datalist with the same ``training + unlabeled`` images (default ``datalist``): the stages
+            that use no label (synthesis, task-agnostic KD, MAE, MoCo v3) read it and write under ``dirs.shared``,
+            so several numbers of labels share them.
+        seed: the ``seed`` of every stage's bundle (the training of the teacher, the synthesis, the distillation, the
+            pre-training and the students).
+        prefix, shared_prefix: stage-name prefixes (logs and skip records of several runs in one folder).
+        epoch_scale: factor of the teacher's and the students' fine-tuning epochs and validation interval
+            (:meth:`Schedule.epoch_scale`).
+    """
+    datalist = Path(datalist).absolute()
+    pool = Path(pool_datalist).absolute() if pool_datalist else datalist
+
+    def data(d: Path) -> dict[str, Any]:
+        return {"dataset_dir": str(d.parent), "datalist": str(d), "seed": seed}
+
+    def extra(bundle: str) -> dict[str, Any]:
+        return dict(s.extra.get(bundle, {}))
+
+    every = {"val_interval": epoch_scale} if epoch_scale > 1 else {}
+    teacher_models = dirs.teacher_models
+    teacher = Stage(f"{prefix}teacher", "tsdk_teacher", ["train.json"], {
+        **data(datalist), "ckpt_dir": str(dirs.teacher_ckpt), "output_dir": str(dirs.method("teacher") / "eval"),
+        "epochs": s.teacher_epochs * epoch_scale, "batch_size": s.teacher_batch, "image_size": s.teacher_size,
+        "progress": False, **every, **extra("tsdk_teacher"),
+    }, [teacher_models / "model.pt"], inputs=[datalist], clean=[dirs.teacher_ckpt, dirs.method("teacher") / "eval"])
+    teacher_eval = Stage(f"{prefix}teacher_eval", "tsdk_teacher", ["train.json", "evaluate.json"], {
+        **data(datalist), "ckpt_dir": str(dirs.teacher_ckpt), "output_dir": str(dirs.evaluation("teacher")),
+        "image_size": s.teacher_size, **extra("tsdk_teacher"),
+    }, [dirs.metrics("teacher")], inputs=[datalist, teacher_models], clean=[dirs.evaluation("teacher")])
+
+    syn = dirs.synthesis
+    synth_common = {**data(pool), "ckpt_dir": str(syn / "models"), "output_dir": str(syn / "synthetic"),
+                    "image_size": s.synth_size}
+    synthesis = Stage(f"{shared_prefix}synthesis_train", "tsdk_synthesis", ["train.json"], {
+        **synth_common, "epochs": s.synth_epochs, **extra("tsdk_synthesis"),
+    }, [syn / "models" / "model.pt"], inputs=[pool], clean=[syn / "models"])
+    sampling = Stage(f"{shared_prefix}synthesis_sample", "tsdk_synthesis", ["train.json", "inference.json"], {
+        **synth_common, "num_images": s.synth_images, "num_inference_steps": s.synth_steps,
+        "fid_real_images": s.fid_real_images, "vfm_image_size": s.teacher_size, **extra("tsdk_synthesis"),
+    }, [dirs.synthetic_datalist], inputs=[pool, syn / "models" / "model.pt"], clean=[syn / "synthetic"])
+
+    def distill(name: str, d_list: Path, configs: list[str], over: dict[str, Any], inputs: list[Path],
+                shared: bool) -> Stage:
+        d = dirs.distill(name, shared)
+        return Stage(f"{shared_prefix if shared else prefix}{name}_distill", "tsdk_distill", configs, {
+            **data(d_list), "ckpt_dir": str(d / "distill"), "output_dir": str(d / "distill_eval"),
+            "student": s.student, "image_size": s.student_size, "epochs": s.distill_epochs, **over,
+            **extra("tsdk_distill"),
+        }, [d / "distill" / "student_distilled.pt"], inputs=[d_list] + inputs, clean=[d / "distill", d / "distill_eval"])
+
+    def ssl(method: str) -> Stage:
+        c = dirs.pretrain(method)
+        return Stage(f"{shared_prefix}{method}_pretrain", "tsdk_ssl", ["train.json"], {
+            **data(pool), "ckpt_dir": str(c), "student": s.student, "image_size": s.student_size, "method": method,
+            "epochs": s.ssl_epochs, "use_synthetic": False, "progress": False, **extra("tsdk_ssl"),
+        }, [c / "student_pretrained.pt"], inputs=[pool], clean=[c])
+
+    def student(method: str, init: Path | None) -> list[Stage]:
+        common = {**data(datalist), "ckpt_dir": str(dirs.models(method)), "output_dir": str(dirs.evaluation(method)),
+                  "student": s.student, "image_size": s.student_size}
+        train = Stage(f"{prefix}{method}_finetune", "tsdk_student", ["train.json"], {
+            **common, "epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
+            "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student"),
+        }, [dirs.model(method)], inputs=[datalist] + ([init] if init else []),
+            clean=[dirs.models(method), dirs.evaluation(method)])
+        evaluate = Stage(f"{prefix}{method}_evaluate", "tsdk_student", ["train.json", "evaluate.json"],
+                         {**common, **extra("tsdk_student")}, [dirs.metrics(method)],
+                         inputs=[datalist, dirs.model(method)])
+        return [train, evaluate]
+
+    # TS-KD and its no-synthesis ablation read the same teacher targets of the same real images: one disk cache
+    cache = {"teacher_ckpt": str(dirs.teacher_ckpt), "teacher_cache_mode": "disk",
+             "teacher_cache_dir": str(dirs.teacher_ckpt / "distill_cache")}
+    tskd = distill("tskd", datalist, ["train.json"], {**cache, "synthetic_datalist": str(dirs.synthetic_datalist)},
+                   [teacher_models, dirs.synthetic_datalist.parent], False)
+    tskd_no_synth = distill("tskd_no_synth", datalist, ["train.json"], {**cache, "use_synthetic": False},
+                            [teacher_models], False)
+    ta_kd = distill("task_agnostic_kd", pool, ["train.json", "task_agnostic.json"],
+                    {"use_synthetic": False, "vfm_image_size": s.teacher_size}, [], True)
+    mae, moco = ssl("mae"), ssl("mocov3")
+
+    def init_of(st: Stage) -> Path:
+        return Path(st.outputs[0])
+
+    return {
+        "teacher": [teacher, teacher_eval],
+        "scratch": student("scratch", None),
+        "task_agnostic_kd": [ta_kd] + student("task_agnostic_kd", init_of(ta_kd)),
+        "mae": [mae] + student("mae", init_of(mae)),
+        "mocov3": [moco] + student("mocov3", init_of(moco)),
+        "tskd_no_synth": [teacher, tskd_no_synth] + student("tskd_no_synth", init_of(tskd_no_synth)),
+        "tskd": [teacher, synthesis, sampling, tskd] + student("tskd", init_of(tskd)),
+    }
+
+
+def overlay_stages(dirs: RunDirs, methods: list[str], s: Schedule, num_classes: int, datalist: Path,
+                   prefix: str = "") -> dict[str, Stage]:
+    """Inference of the teacher and of each student of one run on ``datalist``'s test split (the report's figure).
+
+    The bundles' own ``inference.json`` with their preprocessing, inferer and postprocessing; predictions are saved as
+    NIfTI in ``dirs.overlay(method)``. Returns method -> stage.
+    """
+    datalist = Path(datalist).absolute()
+    out: dict[str, Stage] = {}
+    for m in methods:
+        o = dirs.overlay(m)
+        common = {"output_dir": str(o), "output_ext": ".nii.gz"}
+        if m == "teacher":
+            out[m] = Stage(f"{prefix}teacher_overlay", "tsdk_teacher", ["inference.json"], {
+                "dataset_dir": str(datalist.parent), "datalist": str(datalist), "infer_split": "test",
+                "ckpt_dir": str(dirs.teacher_ckpt), **common,
+            }, [o], inputs=[datalist, dirs.teacher_models], clean=[o])
+        else:
+            out[m] = Stage(f"{prefix}{m}_overlay", "tsdk_student", ["inference.json"], {
+                "input_datalist": str(datalist), "input_split": "test", "ckpt_dir": str(dirs.models(m)), **common,
+                "student": s.student, "image_size": s.student_size, "num_classes": int(num_classes),
+            }, [o], inputs=[datalist, dirs.model(m)], clean=[o])
+    return out

@@ -1,0 +1,56 @@
+"""Named schedules of ``tsdk run --preset`` (the bench's schedules, so one flag gives the measured ones)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tsdk_monai.driver.methods import Schedule
+from tsdk_monai.utils import TSDKInputError
+
+__all__ = ["PRESETS", "schedule_of"]
+
+#: ``tsdk run`` without ``--preset``: a long schedule at 256 px (a GPU, or patience)
+DEFAULT: dict[str, Any] = dict(
+    student="unet_small", student_size=256, teacher_size=256, teacher_epochs=20, teacher_batch=4,
+    synth_size=128, synth_epochs=100, synth_images=500, synth_steps=50, fid_real_images=256,
+    distill_epochs=50, ssl_epochs=50, student_epochs=100, batch_size=8,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the whole 7-method table at 20 and 80 labels within 2 hours on 2 CPU cores (bench/hc18_table.py's default)
+    "cpu": dict(
+        student="unet_small", student_size=128, teacher_size=128, teacher_epochs=8, teacher_batch=4,
+        synth_size=64, synth_epochs=8, synth_images=128, synth_steps=20, fid_real_images=48,
+        distill_epochs=2, ssl_epochs=1, student_epochs=8, batch_size=8, iterations_like=80,
+    ),
+    # paper scale, for a GPU machine
+    "full": dict(
+        student="unet_small", student_size=256, teacher_size=256, teacher_epochs=50, teacher_batch=8,
+        synth_size=128, synth_epochs=300, synth_images=1000, synth_steps=50, fid_real_images=512,
+        distill_epochs=100, ssl_epochs=200, student_epochs=100, batch_size=16, iterations_like=80,
+    ),
+    # every stage end to end in minutes on a few dozen cases: checks the wiring, not the method
+    "smoke": dict(
+        student="unet_small", student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2,
+        synth_size=32, synth_epochs=1, synth_images=4, synth_steps=2, fid_real_images=8,
+        distill_epochs=1, ssl_epochs=1, student_epochs=2, batch_size=4, iterations_like=None,
+        extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "batch_size": 8},
+               "tsdk_distill": {"batch_size": 4}, "tsdk_ssl": {"batch_size": 4}},
+    ),
+}
+
+
+def schedule_of(preset: str | None = None, **overrides: Any) -> Schedule:
+    """The :class:`Schedule` of ``preset`` (``cpu``, ``full``, ``smoke``; ``None``: ``tsdk run``'s defaults) with
+    ``overrides`` on top; an override of ``None`` means "not given"."""
+    if preset is None:
+        base = DEFAULT
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise TSDKInputError(f"--preset {preset!r}: not a preset; choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(Schedule.__dataclass_fields__)
+    if unknown:
+        raise TSDKInputError(f"not a schedule setting: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Schedule(**{**base, **given})
