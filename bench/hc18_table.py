@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--seeds", default=None, help="comma-separated (default 0; --full 0,1,2)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--student", default=None, help="unet_small (default) or vit_tiny")
+    ap.add_argument("--extra", type=json.loads, default=None, help="more bundle overrides, as JSON: bundle name -> "
+                    "{knob: value} (an ablation, e.g. '{\"tsdk_teacher\": {\"lr_cosine_cycles\": 0}}')")
     grp = ap.add_mutually_exclusive_group()
     grp.add_argument("--full", action="store_true", help="paper-scale schedule for a GPU machine")
     grp.add_argument("--smoke", action="store_true", help="tiny schedule: the bench end to end in minutes")
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> str:
     sizes = Schedule(**preset)
     if args.student:
         sizes.student = args.student
+    for bundle, knobs in (args.extra or {}).items():
+        sizes.extra = {**sizes.extra, bundle: {**sizes.extra.get(bundle, {}), **knobs}}
     n_labeled = args.n_labeled or ("20,40,80" if args.full else "4,8" if args.smoke else "20,80")
     seeds = args.seeds or ("0,1,2" if args.full else "0")
     ns = [int(n) for n in str(n_labeled).split(",")]

@@ -328,6 +328,37 @@ def test_resumed_run_keeps_the_best_model(tmp_path):
         AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": torch.nn.Linear(1, 1)}).state_dict()
 
 
+def test_resumed_schedule_follows_the_config():
+    """Resumed with more epochs, the LR schedule is the configured one (the checkpoint gives only the step): MONAI's
+    own WarmupCosineSchedule would keep the old length from its state dict and climb back to the full LR."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    from tsdk_monai.schedules import WarmupCosine
+
+    def lrs(cls, t_first: int, t_resumed: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cls(opt, warmup_steps=1, t_total=t_first)
+        for _ in range(t_first):
+            opt.step()
+            sched.step()
+        state = sched.state_dict()
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cls(opt, warmup_steps=2, t_total=t_resumed)
+        sched.load_state_dict(state)
+        out = []
+        for _ in range(t_resumed - t_first):
+            opt.step()
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    ours = lrs(WarmupCosine, 4, 8)
+    assert ours == sorted(ours, reverse=True) and ours[-1] == pytest.approx(0.0, abs=1e-12)
+    assert ours[0] == pytest.approx(0.5 * (1 + np.cos(np.pi * 3 / 6)))  # step 5 of 8, 2 warm-up steps
+    theirs = lrs(WarmupCosineSchedule, 4, 8)  # why ours exists: past its old end the cosine climbs again
+    assert theirs[-1] > theirs[0] > 0
+
+
 # ------------------------------------------------------------------------------------------- determinism
 def test_same_seed_same_split(tmp_path):
     from tsdk_monai.data import prepare, write_demo_data

@@ -158,6 +158,46 @@ def test_transforms_and_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
 
 
+def test_teacher_saver_keeps_the_best_and_the_history(tmp_path, trained):
+    """With ``save_on="best"`` the saver writes the teacher only when validation improves and records every epoch's
+    value in ``val_history.json``; its state (best and history) resumes without doubling the epochs it replays."""
+    from ignite.engine import Engine, Events
+
+    from tsdk_monai.handlers import TeacherSaver
+
+    net, _, _ = trained
+    scores = {1: 0.4, 2: 0.7, 3: 0.5, 4: 0.8}
+    out = tmp_path / "teacher"
+
+    def run(saver: TeacherSaver, first: int, last: int) -> None:
+        engine = Engine(lambda e, b: None)
+
+        @engine.on(Events.EPOCH_COMPLETED)  # registered before the saver, as the evaluator's metric handlers are
+        def metric(e):
+            e.state.metrics["dice"] = scores[e.state.epoch]
+
+        saver.attach(engine)
+        engine.state.epoch = first - 1  # MONAI's evaluator runs at the trainer's epoch
+        engine.state.max_epochs = last
+        engine.run([0], max_epochs=last)
+
+    saver = TeacherSaver(str(out), net, save_on="best", metric_name="dice")
+    run(saver, 1, 3)
+    hist = json.loads((out / "val_history.json").read_text())
+    assert hist == {"metric": "dice", "epochs": [{"epoch": e, "value": scores[e]} for e in (1, 2, 3)]}
+    assert saver.best_epoch == 2 and (out / "model.pt").is_file()
+    saved = (out / "model.pt").stat().st_mtime_ns
+
+    state = saver.state_dict()  # what the epoch-3 resume checkpoint holds ...
+    state["history"] = state["history"][:2]  # ... taken at epoch 2, say; the run then replays epoch 3
+    resumed = TeacherSaver(str(out), net, save_on="best", metric_name="dice")
+    resumed.load_state_dict(state)
+    run(resumed, 3, 4)
+    hist = json.loads((out / "val_history.json").read_text())
+    assert [h["epoch"] for h in hist["epochs"]] == [1, 2, 3, 4] and resumed.best_epoch == 4
+    assert (out / "model.pt").stat().st_mtime_ns >= saved
+
+
 # --------------------------------------------------------------------------------------------- the bundle
 def test_metadata(tmp_path):
     verify_metadata("tsdk_teacher", tmp_path)
@@ -173,7 +213,7 @@ def _common(demo_datalist: Path, work: Path) -> dict:
 def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
     common = _common(demo_datalist, tmp_path)
     train = dict(common, image_size=SIZE, batch_size=2, max_iterations=2, progress=False)
-    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, **{"train#trainer#max_epochs": 1}))
+    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, epochs=1))
     assert "trainable" in proc.stdout  # the trainable share is printed
     teacher = tmp_path / "models" / "teacher"
     for f in ("teacher.json", "model.pt", "decoder.safetensors", "adapter/adapter_model.safetensors"):
@@ -181,11 +221,16 @@ def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
     assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=1.pt")
 
     # an interrupted/earlier run resumes from its checkpoint instead of starting over
-    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, **{"train#trainer#max_epochs": 2}))
+    proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, epochs=2))
     log = proc.stdout + proc.stderr
     assert "Restored all variables from" in log and "epoch=1.pt" in log
     assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
     assert latest_checkpoint(tmp_path / "models" / "train").endswith("epoch=2.pt")
+    hist = json.loads((teacher / "val_history.json").read_text())  # one validation Dice per epoch, resume included
+    assert [h["epoch"] for h in hist["epochs"]] == [1, 2] and all(0 <= h["value"] <= 1 for h in hist["epochs"])
+    # warm-up + cosine decay per iteration, resumed with the run: 2 epochs x 2 iterations end at the cosine's zero
+    ckpt = torch.load(latest_checkpoint(tmp_path / "models" / "train"), weights_only=True)
+    assert ckpt["lr_scheduler"]["last_epoch"] == 4 and ckpt["optimizer"]["param_groups"][0]["lr"] < 1e-9
 
     net = load_teacher(teacher)  # what the distillation stage does
     x = torch.rand(1, 1, 64, 64)

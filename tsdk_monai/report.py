@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tsdk_monai.layout import RunDirs, RunLayout
+from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
@@ -133,110 +134,16 @@ def _summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return {"dice_mean": dm, "dice_std": ds, "hd95_mean": hm, "hd95_std": hs, "seconds_mean": sm}
 
 
-# ---------------------------------------------------------------------------------------------------- plots
-def _plot_dice(rows: list[dict[str, Any]], manifest: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for m in manifest["methods"]:
-        pts = [(r["n_labeled"], r["dice_mean"], r["dice_std"] or 0.0) for r in rows
-               if r["method"] == m and r["dice_mean"] is not None]
-        if not pts:
-            continue
-        xs, ys, es = zip(*sorted(pts))
-        style = {"linestyle": "--", "color": "black"} if m == "teacher" else {}
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=METHOD_LABELS.get(m, m), **style)
-    ax.set_xlabel("labelled training images")
-    ax.set_ylabel("test Dice (mean over seeds, bars: std)")
-    ax.set_xticks(list(manifest["n_labeled"]))
-    ax.set_title(f"Dice vs number of labels ({len(manifest['seeds'])} seed(s))")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save_fig(fig, path)
-
-
-def _save_fig(fig: Any, path: Path) -> Path:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _slice2d(arr: np.ndarray) -> np.ndarray:
-    """(C, *spatial) -> a 2D view for display: channel 0, the middle slice of a volume, rows first."""
-    a = np.asarray(arr)[0]
-    if a.ndim == 3:
-        a = a[..., a.shape[-1] // 2]
-    return a.T  # MONAI's image readers put the image's x first
-
-
-def _dice_fg(pred: np.ndarray, gt: np.ndarray) -> float:
-    classes = [c for c in np.unique(gt) if c > 0] or [1]
-    vals = []
-    for c in classes:
-        p, g = pred == c, gt == c
-        denom = p.sum() + g.sum()
-        vals.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, g).sum() / denom)
-    return float(np.mean(vals))
-
-
-def _plot_overlays(manifest: dict[str, Any], path: Path) -> tuple[Path, str] | None:
-    """The overlay figure from the predictions the driver's overlay stages wrote; None when there are none."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tsdk_monai.data import image_stem, load_split, read_array
-
-    overlay = manifest.get("overlay") or {}
-    dirs = {m: Path(d) for m, d in overlay.get("dirs", {}).items() if Path(d).is_dir()}
-    if not dirs:
-        return None
-    key, datalist = overlay["key"], Path(overlay["datalist"])
-    seed, n = manifest["runs"][key]["seed"], manifest["runs"][key]["n_labeled"]
-    cases = load_split(datalist, "test")
-    cols = ["image", "ground truth"] + [m for m in manifest["methods"] if m in dirs]
-    fig, axes = plt.subplots(len(cases), len(cols), figsize=(2.3 * len(cols), 2.4 * len(cases)), squeeze=False)
-    cmap = matplotlib.colormaps["autumn"]
-    for r, case in enumerate(cases):
-        img = _slice2d(read_array(case["image"], "image")).astype(np.float32)
-        gt = _slice2d(read_array(case["label"], "label")).astype(np.int64)
-        stem = image_stem(case["image"])
-        for c, col in enumerate(cols):
-            ax = axes[r][c]
-            ax.imshow(img, cmap="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == "image":
-                title = stem
-                mask = None
-            elif col == "ground truth":
-                title, mask = "ground truth", gt
-            else:
-                files = sorted(dirs[col].glob(f"{stem}_seg*")) or sorted(dirs[col].rglob(f"{stem}*"))
-                if not files:
-                    raise TSDKInputError(f"{dirs[col]}: no prediction for {case['image']} (see the overlay stage's "
-                                         "log in logs/)")
-                mask = _slice2d(read_array(files[0], "prediction")).astype(np.int64)
-                if mask.shape != gt.shape:
-                    raise TSDKInputError(f"{files[0]}: prediction size {mask.shape} differs from the label's {gt.shape}")
-                title = f"{col}\nDice {_dice_fg(mask, gt):.3f}"
-            if mask is not None:
-                ax.imshow(np.ma.masked_where(mask == 0, mask), cmap=cmap, alpha=0.45, vmin=0,
-                          vmax=max(1, int(manifest["num_classes"]) - 1), interpolation="nearest")
-            ax.set_title(title, fontsize=8)
-    fig.suptitle(f"test cases, {n} labels, seed {seed}: image, ground truth, teacher and students", fontsize=9)
-    fig.tight_layout()
-    return _save_fig(fig, path), key
+def _teacher_history(manifest: dict[str, Any]) -> dict[tuple[int, int], list[dict[str, float]]]:
+    """(seed, n) -> the teacher's validation metric per epoch (its ``val_history.json``), where one was written."""
+    out = {}
+    for seed in manifest["seeds"]:
+        for n in manifest["n_labeled"]:
+            run = manifest["runs"].get(RunLayout.key(seed, n))
+            f = RunDirs.of(run).teacher_models / "val_history.json" if run else None
+            if f is not None and f.is_file():
+                out[(seed, n)] = read_json(f, "not found", "not a teacher validation history")["epochs"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -276,9 +183,9 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
     w = layout.root
     manifest = _manifest(layout)
     rows = collect_results(w, manifest)
-    overlay = _plot_overlays(manifest, layout.plots / "overlays.png")
+    overlay = plot_overlays(manifest, layout.plots / "overlays.png")
     nets = json.loads(layout.networks.read_text()) if layout.networks.is_file() else {}
-    _plot_dice(rows, manifest, layout.plots / "dice_vs_labels.png")
+    plot_dice(rows, manifest, layout.plots / "dice_vs_labels.png", METHOD_LABELS)
     table = _table(rows, nets, len(manifest["seeds"]))
     sizes = manifest["sizes"]
     ratio = ""
@@ -313,6 +220,16 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         "![Dice vs labels](plots/dice_vs_labels.png)",
         "",
     ]
+    history = _teacher_history(manifest)
+    if history:
+        plot_teacher(history, layout.plots / "teacher_val_dice.png")
+        md += ["## Teacher training", "",
+               "Validation Dice of the teacher after each epoch (the saved teacher is the best epoch's):", "",
+               "| labels | seed | epochs | first | best (epoch) | last |", "|---|---|---|---|---|---|",
+               *[f"| {n} | {seed} | {len(ep)} | {ep[0]['value']:.3f} | "
+                 f"{max(e['value'] for e in ep):.3f} ({max(ep, key=lambda e: e['value'])['epoch']}) | {ep[-1]['value']:.3f} |"
+                 for (seed, n), ep in sorted(history.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
+               "", "![teacher validation Dice](plots/teacher_val_dice.png)", ""]
     if overlay is not None:
         key = overlay[1]
         md += ["## Test cases", "",

@@ -11,6 +11,8 @@ from typing import Any
 import torch.nn as nn
 from ignite.engine import Engine, Events
 
+from tsdk_monai.utils import atomic_write_json, rank_of
+
 __all__ = ["TeacherSaver", "latest_checkpoint"]
 
 
@@ -43,9 +45,11 @@ class TeacherSaver:
     (peft adapter in safetensors, decoder in safetensors, ``teacher.json``, merged ``model.pt``).
 
     Attach it to the validation evaluator with ``save_on="best"``: it saves when the evaluator's key metric
-    improves; or to the trainer with ``save_on="final"``: it saves when training completes. Its best metric
-    is kept in ``state_dict()``, so put it in the resume checkpoint's ``save_dict`` and a resumed run does not
-    overwrite a better teacher with a worse one. Only rank 0 writes under ``torch.distributed``.
+    improves; or to the trainer with ``save_on="final"``: it saves when training completes. With ``save_on="best"``
+    it also writes the metric of every validation to ``save_dir/val_history.json`` (``{"metric": name, "epochs":
+    [{"epoch": e, "value": v}, ...]}``; the report plots it). Its best metric and history are kept in
+    ``state_dict()``, so put it in the resume checkpoint's ``save_dict`` and a resumed run does not overwrite a
+    better teacher with a worse one. Only rank 0 writes under ``torch.distributed``.
 
     Args:
         save_dir: the teacher folder (e.g. ``$@ckpt_dir + '/teacher'``).
@@ -63,14 +67,16 @@ class TeacherSaver:
         self.metric_name = metric_name
         self.best_metric = -float("inf")
         self.best_epoch = -1
+        self.history: list[dict[str, float]] = []
         self.logger = logging.getLogger(__name__)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_metric": float(self.best_metric), "best_epoch": int(self.best_epoch)}
+        return {"best_metric": float(self.best_metric), "best_epoch": int(self.best_epoch), "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_metric = float(state.get("best_metric", -float("inf")))
         self.best_epoch = int(state.get("best_epoch", -1))
+        self.history = list(state.get("history", []))
 
     def attach(self, engine: Engine) -> None:
         if self.save_on == "best":
@@ -83,13 +89,17 @@ class TeacherSaver:
         if name is None or name not in engine.state.metrics:
             raise KeyError(f"TeacherSaver: metric {name!r} not found in the engine's metrics {list(engine.state.metrics)}")
         value = float(engine.state.metrics[name])
+        self.history = [h for h in self.history if h["epoch"] < engine.state.epoch]
+        self.history.append({"epoch": int(engine.state.epoch), "value": value})
         if value > self.best_metric:
             self.best_metric, self.best_epoch = value, int(engine.state.epoch)
             self.save(engine)
+        if rank_of() == 0:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(self.save_dir) / "val_history.json", {"metric": name, "epochs": self.history})
 
     def save(self, engine: Engine | None = None) -> None:
         from tsdk_monai.networks.teacher_io import save_teacher
-        from tsdk_monai.utils import rank_of
 
         if rank_of() != 0:
             return
