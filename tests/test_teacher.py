@@ -212,7 +212,7 @@ def _common(demo_datalist: Path, work: Path) -> dict:
 @pytest.mark.slow
 def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
     common = _common(demo_datalist, tmp_path)
-    train = dict(common, image_size=SIZE, batch_size=2, max_iterations=2, progress=False)
+    train = dict(common, image_size=SIZE, batch_size=2, max_iterations=2, progress=False, lr_cosine_cycles=0.5)
     proc = run_bundle("tsdk_teacher", ["train.json"], dict(train, epochs=1))
     assert "trainable" in proc.stdout  # the trainable share is printed
     teacher = tmp_path / "models" / "teacher"
