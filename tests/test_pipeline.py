@@ -180,7 +180,8 @@ def test_report_has_every_row_and_plots(full_run):
             assert "not run" not in row[0] and re.search(r"\| 0\.\d{3} \|", row[0]), row[0]
     assert "| teacher (LiteMedSAM + LoRA, reference) | 3 |" in proc.stdout  # the table is printed
     assert {p.name: p.read_bytes() for p in (work / "logs").glob("*.stage.json")} == markers  # nothing ran
-    for png in ("dice_vs_labels.png", "overlays.png"):
+    assert "## Teacher training" in report and "| best (epoch) |" in report  # from each teacher's val_history.json
+    for png in ("dice_vs_labels.png", "overlays.png", "teacher_val_dice.png"):
         data = (work / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     rows = json.loads((work / "report.json").read_text())["rows"]

@@ -225,11 +225,12 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         plot_teacher(history, layout.plots / "teacher_val_dice.png")
         md += ["## Teacher training", "",
                "Validation Dice of the teacher after each epoch (the saved teacher is the best epoch's):", "",
-               "| labels | seed | epochs | first | best (epoch) | last |", "|---|---|---|---|---|---|",
-               *[f"| {n} | {seed} | {len(ep)} | {ep[0]['value']:.3f} | "
-                 f"{max(e['value'] for e in ep):.3f} ({max(ep, key=lambda e: e['value'])['epoch']}) | {ep[-1]['value']:.3f} |"
-                 for (seed, n), ep in sorted(history.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
-               "", "![teacher validation Dice](plots/teacher_val_dice.png)", ""]
+               "| labels | seed | epochs | first | best (epoch) | last |", "|---|---|---|---|---|---|"]
+        for (seed, n), ep in sorted(history.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            best = max(ep, key=lambda e: e["value"])
+            md.append(f"| {n} | {seed} | {len(ep)} | {ep[0]['value']:.3f} | {best['value']:.3f} ({best['epoch']}) | "
+                      f"{ep[-1]['value']:.3f} |")
+        md += ["", "![teacher validation Dice](plots/teacher_val_dice.png)", ""]
     if overlay is not None:
         key = overlay[1]
         md += ["## Test cases", "",

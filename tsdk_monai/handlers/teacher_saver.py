@@ -94,8 +94,7 @@ class TeacherSaver:
         if value > self.best_metric:
             self.best_metric, self.best_epoch = value, int(engine.state.epoch)
             self.save(engine)
-        if rank_of() == 0:
-            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        if rank_of() == 0:  # atomic_write_json makes the folder
             atomic_write_json(Path(self.save_dir) / "val_history.json", {"metric": name, "epochs": self.history})
 
     def save(self, engine: Engine | None = None) -> None:
