@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import monai
 import pytest
 import torch
 from ignite.engine import Events
@@ -20,6 +21,7 @@ from tsdk_monai.inferers import FeatureInferer
 from tsdk_monai.losses import TaskAgnosticKDLoss, TaskSpecificKDLoss
 from tsdk_monai.networks import resolve_teacher_dir
 from tsdk_monai.networks.students import build_student, load_student_weights
+from tsdk_monai.transforms import TeacherLabeld
 from tsdk_monai.utils import TSDKInputError
 
 torch.set_num_threads(2)
@@ -137,6 +139,38 @@ def test_joint_augmentation_keeps_targets_aligned(teacher):
     torch.testing.assert_close(x_aug, x.flip(-1))
     torch.testing.assert_close(t_aug["logits"], plain["logits"].flip(-1))
     torch.testing.assert_close(t_aug["features"], plain["features"].flip(-1))
+
+
+
+def test_teacher_reads_its_own_copy_of_the_images(teacher):
+    """With ``teacher_key`` the teacher reads that (larger) copy; its logits are resized to the student's images,
+    its features are those of the copy, and the cache keeps them apart from targets of the student-size images."""
+    big = torch.rand(2, 1, 64, 64)
+    small = torch.nn.functional.interpolate(big, size=(32, 32), mode="bilinear", antialias=True)
+    cache = TeacherCache("memory")
+    ids = ["a.png", "b.png"]
+    x, t = DistillationPrepareBatch(teacher, True, True, teacher_key="teacher_image")(
+        {"image": small, "teacher_image": big}, "cpu")
+    want = teacher_targets(teacher, big, True, True)
+    torch.testing.assert_close(x, small)
+    assert t["logits"].shape == (2, 2, 32, 32)
+    torch.testing.assert_close(t["logits"], torch.nn.functional.interpolate(
+        want["logits"], size=(32, 32), mode="bilinear", antialias=True))
+    torch.testing.assert_close(t["features"], want["features"])
+    # cached under a key of both sizes: the same images without the teacher's copy are other targets
+    small_meta = monai.data.MetaTensor(small, meta={"filename_or_obj": ids})
+    big_meta = monai.data.MetaTensor(big, meta={"filename_or_obj": ids})
+    prepare = DistillationPrepareBatch(teacher, True, True, cache=cache, teacher_key="teacher_image")
+    prepare({"image": small_meta, "teacher_image": big_meta}, "cpu")
+    prepare({"image": small_meta}, "cpu")
+    assert len(cache) == 4 and cache.hits == 0
+    prepare({"image": small_meta, "teacher_image": big_meta}, "cpu")
+    assert cache.hits == 2
+    # the evaluation's teacher labels: read from the copy, resized to the student's image before the argmax
+    labeled = TeacherLabeld("teacher_image", teacher, like_key="image")({"image": small[0], "teacher_image": big[0]})
+    want_small = torch.nn.functional.interpolate(want["logits"][:1], size=(32, 32), mode="bilinear", antialias=True)
+    assert labeled["teacher_label"].shape == (2, 32, 32)
+    torch.testing.assert_close(labeled["teacher_label"].argmax(0), want_small[0].argmax(0))
 
 
 def test_teachers_and_students_speak_one_protocol(teacher):
@@ -265,3 +299,49 @@ def test_bundle_task_agnostic(demo_datalist, tmp_path):
     run_bundle(BUNDLE, ["train.json", "task_agnostic.json", "evaluate.json"], o)
     metrics = (out / "eval" / "metrics.csv").read_text()
     assert "val_mean_dice" in metrics and "teacher_agreement" not in metrics
+
+
+def test_bundle_rotation_and_zoom_move_image_and_targets_together():
+    """``aug_rotate`` / ``aug_zoom`` of the bundle: the image, the teacher's logits and its (smaller) feature map are
+    rotated and zoomed alike; at 0 (the default) they are off."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / BUNDLE / "configs" / "train.json"))
+    img = torch.zeros(1, 64, 64)
+    img[:, 10:30, 35:55] = 1.0
+    sample = {"image": img, "logits": img.repeat(3, 1, 1),
+              "features": torch.nn.functional.interpolate(img[None], size=(16, 16), mode="area")[0].repeat(4, 1, 1)}
+    moved = 0
+    for rotate, zoom in ((0.0, 0.0), (0.5, 0.2)):
+        parser["aug_rotate"], parser["aug_zoom"] = rotate, zoom
+        aug = parser.get_parsed_content("train#augment", instantiate=True, lazy=False)
+        aug.set_random_state(0)
+        for _ in range(6):
+            out = aug(dict(sample))
+            image, logits, feats = (torch.as_tensor(out[k]) for k in ("image", "logits", "features"))
+            torch.testing.assert_close(logits[0], image[0] / image.max() * logits[0].max(), atol=0.02, rtol=0)
+            down = torch.nn.functional.interpolate(image[None] / image.max(), size=(16, 16), mode="area")[0, 0]
+            assert (down - feats[0] / feats[0].max()).abs().mean() < 0.05
+            unmoved = torch.equal(image, img.flip(1)) or torch.equal(image, img)
+            moved += not unmoved and rotate > 0
+            if rotate == 0:
+                assert unmoved or torch.allclose(image / image.max(), img, atol=0.01)
+    assert moved > 0
+
+
+def test_cache_tag_follows_the_teacher_not_the_cache(tmp_path):
+    """The tag changes with the teacher's files, not with the targets the cache writes into its own folder inside
+    the teacher's checkpoint folder (where the driver puts it), so a later run finds them."""
+    from tsdk_monai.engines import cache_tag
+
+    ckpt = tmp_path / "models"
+    (ckpt / "teacher").mkdir(parents=True)
+    (ckpt / "teacher" / "model.pt").write_bytes(b"weights")
+    cache = ckpt / "distill_cache"
+    tag = cache_tag(ckpt, 128, exclude=[cache])
+    TeacherCache("disk", cache, tag).put("k", {"logits": torch.zeros(2, 4, 4)})
+    assert cache_tag(ckpt, 128, exclude=[cache]) == tag
+    assert cache_tag(ckpt, 128) != tag  # (what the 0.3.0 bundle computed)
+    (ckpt / "teacher" / "model.pt").write_bytes(b"other weights")
+    assert cache_tag(ckpt, 128, exclude=[cache]) != tag

@@ -98,3 +98,32 @@ def test_gradients_reach_student_and_projection_only(kind):
     assert loss.projection.proj.weight.grad is not None and loss.projection.proj.weight.grad.abs().sum() > 0
     if kind == "task_agnostic":  # features only: the decoder gets nothing
         assert student.final_conv.weight.grad is None
+
+
+def test_confidence_mask_ignores_the_teachers_unsure_pixels():
+    """With ``confidence`` the KL and Dice terms see only the pixels where the teacher is sure: a student that is
+    wrong only where the teacher is unsure has no KL loss, and one wrong where it is sure does."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 16, 16))
+    t = 10.0 * torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    unsure = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    unsure[:, :, :, :8] = True
+    t = torch.where(unsure, torch.zeros_like(t), t)  # uniform (p = 1/3) on the left half
+    s = torch.where(unsure, 10.0 * torch.randn_like(t), t)  # the student differs only there
+    masked = TaskSpecificKDLoss(alpha=1.0, beta=1.0, gamma=0.0, confidence=0.6)
+    plain = TaskSpecificKDLoss(alpha=1.0, beta=1.0, gamma=0.0)
+    masked(*_pair(s, t))
+    plain(*_pair(s, t))
+    assert masked.last_terms["kd_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert masked.last_terms["kd_confident"] == pytest.approx(0.5)
+    assert plain.last_terms["kd_kl"] > 0.1 and "kd_confident" not in plain.last_terms
+    assert masked.last_terms["kd_dice"] < plain.last_terms["kd_dice"]
+    wrong = t.roll(1, dims=1)  # wrong on the sure half too
+    masked(*_pair(wrong, t))
+    assert masked.last_terms["kd_kl"] > 1.0
+    # the masked Dice term is the plain one when every pixel is sure
+    sure_t = 10.0 * torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    s2 = torch.randn(2, 3, 16, 16)
+    assert masked(*_pair(s2, sure_t)).item() == pytest.approx(plain(*_pair(s2, sure_t)).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="confidence"):
+        TaskSpecificKDLoss(gamma=0.0, confidence=1.0)

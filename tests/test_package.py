@@ -112,3 +112,37 @@ def test_importing_the_package_changes_nothing_global():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _flips(node):
+    if isinstance(node, dict):
+        if node.get("_target_") in ("RandFlipd", "RandFlip", "monai.transforms.RandFlipd"):
+            yield node
+        for v in node.values():
+            yield from _flips(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _flips(v)
+
+
+def test_every_bundle_flips_left_right(tmp_path):
+    """MONAI's readers put the image's x (width) on the first spatial axis, so a left-right flip is
+    ``spatial_axis=0``; every bundle's flip is that one (an up-down flip would turn the fan of an ultrasound image
+    upside down). Distillation and SSL flipped along axis 1 before bundle 0.4.0."""
+    import json
+
+    import numpy as np
+    from monai.transforms import LoadImage
+    from PIL import Image
+
+    img = np.zeros((6, 10), np.uint8)  # 6 rows, 10 columns; bright left column
+    img[:, 0] = 255
+    Image.fromarray(img).save(tmp_path / "x.png")
+    arr = LoadImage(image_only=True, ensure_channel_first=True)(str(tmp_path / "x.png"))
+    assert tuple(arr.shape) == (1, 10, 6) and float(arr[0, 0].min()) == 255.0  # axis 0 is x
+    found = []
+    for cfg in sorted((PACKAGE.parent / "bundles").glob("*/configs/*.json")):
+        for flip in _flips(json.loads(cfg.read_text())):
+            found.append((cfg.parent.parent.name, flip.get("spatial_axis")))
+    assert {b for b, _ in found} >= {"tsdk_teacher", "tsdk_student", "tsdk_distill", "tsdk_ssl", "tsdk_synthesis"}
+    assert all(axis == 0 for _, axis in found), found

@@ -117,7 +117,8 @@ def method_stages(
         d = dirs.distill(name, shared)
         return Stage(f"{shared_prefix if shared else prefix}{name}_distill", "tsdk_distill", configs, {
             **data(d_list), "ckpt_dir": str(d / "distill"), "output_dir": str(d / "distill_eval"),
-            "student": s.student, "image_size": s.student_size, "epochs": s.distill_epochs, **over,
+            "student": s.student, "image_size": s.student_size, "teacher_image_size": s.teacher_size,
+            "epochs": s.distill_epochs, **over,
             **extra("tsdk_distill"),
         }, [d / "distill" / "student_distilled.pt"], inputs=[d_list] + inputs, clean=[d / "distill", d / "distill_eval"])
 

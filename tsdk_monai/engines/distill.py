@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys as Keys
 
@@ -156,32 +157,48 @@ class DistillationPrepareBatch(PrepareBatch):
         amp, amp_kwargs: the teacher's inference under autocast on the device's type (as the student's forward in
             :class:`~tsdk_monai.inferers.AutocastInferer`).
         image_key: the batch key of the images.
+        teacher_key: the batch key of the teacher's own copy of the images (e.g. loaded at the size the teacher was
+            trained at, when the student runs smaller); ``None`` or absent from the batch: the teacher reads
+            ``image_key``. Its logits are resized (bilinear, antialiased) to the student images' size.
 
     ``__call__(batchdata, device, non_blocking)`` -> ``(images (B, 1, H, W) float32, {"logits": ..., "features": ...})``.
     """
 
     def __init__(self, teacher: nn.Module, logits: bool = True, features: bool = False,
                  cache: TeacherCache | None = None, augment: Callable | None = None, amp: bool = False,
-                 amp_kwargs: Mapping[str, Any] | None = None, image_key: str = Keys.IMAGE) -> None:
+                 amp_kwargs: Mapping[str, Any] | None = None, image_key: str = Keys.IMAGE,
+                 teacher_key: str | None = None) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.logits, self.features = bool(logits), bool(features)
         self.cache, self.augment = cache, augment
-        self.amp, self.amp_kwargs, self.image_key = amp, amp_kwargs, image_key
+        self.amp, self.amp_kwargs, self.image_key, self.teacher_key = amp, amp_kwargs, image_key, teacher_key
         self.wanted = [k for k, on in ((LOGITS, self.logits), (FEATURES, self.features)) if on]
 
-    def targets(self, images: torch.Tensor, ids: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """Teacher targets of ``images``: from the cache when it has them, the others in one teacher call (stored)."""
+    def _teacher(self, images: torch.Tensor, size: Sequence[int]) -> dict[str, torch.Tensor]:
+        out = teacher_targets(self.teacher, images, self.logits, self.features)
+        if LOGITS in out and tuple(out[LOGITS].shape[-2:]) != tuple(size):
+            out[LOGITS] = F.interpolate(out[LOGITS], size=tuple(size), mode="bilinear", align_corners=False,
+                                        antialias=True)
+        return out
+
+    def targets(self, images: torch.Tensor, ids: Sequence[str] | None,
+                teacher_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Teacher targets of ``images`` (the teacher reads ``teacher_images`` when given, its logits resized to
+        ``images``' size): from the cache when it has them, the others in one teacher call (stored)."""
+        t_in = images if teacher_images is None else teacher_images
+        size = tuple(images.shape[-2:])
         with autocast(images.device, self.amp, self.amp_kwargs):
             if self.cache is None or not self.cache.enabled:
-                return teacher_targets(self.teacher, images, self.logits, self.features)
+                return self._teacher(t_in, size)
             if ids is None or len(ids) != images.shape[0]:
                 raise TSDKInputError("the teacher cache needs an identifier per image: load images with LoadImaged "
                                      "(filename_or_obj meta)")
-            keys = [self.cache.key(i, images.shape[-2:]) for i in ids]
+            sizes = size if t_in.shape[-2:] == images.shape[-2:] else size + tuple(t_in.shape[-2:])
+            keys = [self.cache.key(i, sizes) for i in ids]
             found = [self.cache.get(k) for k in keys]
             missing = [j for j, f in enumerate(found) if f is None or any(w not in f for w in self.wanted)]
             if missing:
-                fresh = teacher_targets(self.teacher, images[missing], self.logits, self.features)
+                fresh = self._teacher(t_in[missing], size)
                 for n, j in enumerate(missing):
                     found[j] = {k: v[n] for k, v in fresh.items()}
                     self.cache.put(keys[j], found[j])
@@ -204,21 +221,30 @@ class DistillationPrepareBatch(PrepareBatch):
         ids = _image_ids(batchdata, self.image_key)
         images = torch.as_tensor(batchdata[self.image_key]).as_subclass(torch.Tensor)
         images = images.to(device, non_blocking=non_blocking).float()
-        targets = self.targets(images, ids)
+        t_images = None
+        if self.teacher_key is not None and self.teacher_key in batchdata:
+            t_images = torch.as_tensor(batchdata[self.teacher_key]).as_subclass(torch.Tensor)
+            t_images = t_images.to(device, non_blocking=non_blocking).float()
+        targets = self.targets(images, ids, t_images)
         if self.augment is not None:
             images, targets = self.augmented(images, targets)
         return images, targets
 
 
-def cache_tag(*parts: Any) -> str:
+def cache_tag(*parts: Any, exclude: Sequence[str | os.PathLike] = ()) -> str:
     """A teacher-cache tag from ``parts``; a part that is an existing path adds its files' sizes and mtimes.
 
-    So a disk cache made with another (e.g. retrained) teacher checkpoint is never reused.
+    So a disk cache made with another (e.g. retrained) teacher checkpoint is never reused. Files under ``exclude``
+    (the cache's own folder, which the driver keeps inside the teacher's checkpoint folder) do not count: otherwise
+    every target written would change the tag, and the next run (TS-KD after TS-KD without synthesis, an ablation)
+    would find none of them.
     """
+    skip = [Path(e).absolute() for e in exclude if e]
     out = []
     for p in parts:
         out.append(str(p))
         if isinstance(p, (str, os.PathLike)) and str(p) and Path(p).exists():
             files = [Path(p)] if Path(p).is_file() else sorted(f for f in Path(p).rglob("*") if f.is_file())
+            files = [f for f in files if not any(f.absolute().is_relative_to(e) for e in skip)]
             out += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return "|".join(out)

@@ -10,6 +10,9 @@ with ``s``/``t`` the student/teacher logits ``(B, C, H, W)``, ``f_s`` the studen
 ``(B, Cs, h_s, w_s)`` and ``e_t`` the teacher's embedding ``(B, Ct, h_t, w_t)``. The KL term is the
 standard (Hinton) distillation term: the teacher's tempered distribution is the target. The projection is a
 parameter of the loss: it must go into the optimizer with the student (``list(loss.parameters())``).
+With ``confidence`` ``c > 0`` the KL and Dice terms count only the pixels where the teacher is sure
+(``max softmax(t) >= c``, its top class probability at T = 1), so the student is not taught the teacher's guesses
+where it is unsure (boundaries, shadows, a synthetic image it cannot read).
 
 ``TaskAgnosticKDLoss`` is the feature term alone (teacher: a frozen, un-fine-tuned VFM encoder, which has
 no segmentation logits).
@@ -28,16 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-__all__ = ["TaskSpecificKDLoss", "TaskAgnosticKDLoss", "kd_kl_div", "FeatureProjection"]
+__all__ = ["TaskSpecificKDLoss", "TaskAgnosticKDLoss", "kd_kl_div", "teacher_confidence_mask", "FeatureProjection"]
 
 
-def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))`` summed over classes (dim 1), averaged over batch and pixels.
 
     Args:
         student_logits: ``(B, C, *spatial)``.
         teacher_logits: ``(B, C, *spatial)``, no gradient needed.
         temperature: ``T > 0``.
+        mask: optional ``(B, 1, *spatial)`` of 0/1: the average is over the pixels where it is 1 (0 if none is).
 
     Returns:
         A scalar tensor.
@@ -49,7 +54,15 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     log_s = F.log_softmax(student_logits.float() / t, dim=1)
     log_t = F.log_softmax(teacher_logits.float() / t, dim=1)
     kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
-    return kl.mean() * t * t
+    if mask is None:
+        return kl.mean() * t * t
+    m = mask.float().squeeze(1)
+    return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+
+
+def teacher_confidence_mask(teacher_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B, 1, *spatial)`` float 0/1: where the teacher's top class probability (softmax at T = 1) is ``>= threshold``."""
+    return (F.softmax(teacher_logits.float(), dim=1).amax(dim=1, keepdim=True) >= float(threshold)).float()
 
 
 class FeatureProjection(nn.Module):
@@ -81,6 +94,8 @@ class TaskSpecificKDLoss(nn.Module):
         gamma: weight of the feature MSE term.
         temperature: KD temperature ``T``.
         include_background: whether the Dice term counts the background channel.
+        confidence: ``0`` (default): every pixel counts; ``c`` in ``(0, 1)``: the KL and Dice terms count only the
+            pixels where the teacher's top class probability is ``>= c`` (``last_terms["kd_confident"]``: their share).
 
     ``forward(student, teacher)`` takes two dicts ``{"logits", "features"}`` (logits ``(B, C, H, W)`` for both;
     features ``(B, student_channels, h_s, w_s)`` and ``(B, teacher_channels, h_t, w_t)``) and returns the scalar
@@ -98,14 +113,19 @@ class TaskSpecificKDLoss(nn.Module):
         gamma: float = 1.0,
         temperature: float = 2.0,
         include_background: bool = True,
+        confidence: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= float(confidence) < 1.0:
+            raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+        self.confidence = float(confidence)
         if min(alpha, beta, gamma) < 0 or alpha + beta + gamma <= 0:
             raise ValueError(f"the weights must be >= 0 and not all 0, got alpha={alpha}, beta={beta}, gamma={gamma}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.gamma, self.temperature = float(alpha), float(beta), float(gamma), float(temperature)
         self.dice = DiceLoss(include_background=include_background, to_onehot_y=True, softmax=True)
+        self.masked_dice = DiceLoss(include_background=include_background)  # on masked probabilities and one-hot
         self.projection: FeatureProjection | None = None
         if self.gamma > 0:
             if student_channels is None:
@@ -135,20 +155,29 @@ class TaskSpecificKDLoss(nn.Module):
         distillation prepare-batch's targets; only the ones the loss needs). Returns the scalar loss."""
         s_logits, t_logits = student.get("logits"), teacher.get("logits")
         terms: dict[str, torch.Tensor] = {}
+        mask = None
         if self.alpha > 0 or self.beta > 0:
             if s_logits is None or t_logits is None:
                 raise ValueError("alpha > 0 or beta > 0 needs student and teacher logits")
             t_logits = t_logits.detach()
+            if self.confidence > 0:
+                mask = teacher_confidence_mask(t_logits, self.confidence)
         if self.alpha > 0:
-            terms["kd_kl"] = self.alpha * kd_kl_div(s_logits, t_logits, self.temperature)
+            terms["kd_kl"] = self.alpha * kd_kl_div(s_logits, t_logits, self.temperature, mask)
         if self.beta > 0:
             hard = t_logits.argmax(dim=1, keepdim=True)
-            terms["kd_dice"] = self.beta * self.dice(s_logits.float(), hard)
+            if mask is None:
+                terms["kd_dice"] = self.beta * self.dice(s_logits.float(), hard)
+            else:  # MONAI's MaskedDiceLoss masks before its softmax and one-hot: mask the probabilities instead
+                onehot = F.one_hot(hard[:, 0], t_logits.shape[1]).movedim(-1, 1).float()
+                terms["kd_dice"] = self.beta * self.masked_dice(F.softmax(s_logits.float(), dim=1) * mask, onehot * mask)
         if self.gamma > 0:
             t_feats = teacher.get("features")
             terms["kd_feat"] = self.gamma * self.feature_term(
                 student.get("features"), None if t_feats is None else t_feats.detach())
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        if mask is not None:
+            self.last_terms["kd_confident"] = float(mask.mean())
         return torch.stack(list(terms.values())).sum()
 
 

@@ -18,16 +18,19 @@ class TeacherLabeld(MapTransform):
     ``argmax(teacher(image))``, on the image's device.
 
     Args:
-        keys: the image key (one).
+        keys: the image key (one): the teacher's own copy where it reads another size than the student.
         teacher: the frozen teacher (``forward(x)`` -> logits at the input size).
         output_key: where to put the labels.
+        like_key: when given, the teacher's logits are resized (bilinear, antialiased, as in training) to this item's spatial size before the
+            argmax, so the labels line up with the student's image and prediction.
     """
 
     def __init__(self, keys: str | Sequence[str], teacher: nn.Module, output_key: str = "teacher_label",
-                 allow_missing_keys: bool = False) -> None:
+                 like_key: str | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.teacher = teacher.eval().requires_grad_(False)
         self.output_key = output_key
+        self.like_key = like_key
 
     def __call__(self, data: Mapping) -> dict:
         from tsdk_monai.engines.distill import LOGITS, teacher_targets
@@ -36,7 +39,11 @@ class TeacherLabeld(MapTransform):
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).as_subclass(torch.Tensor).float()
             dev = next(self.teacher.parameters()).device
-            logits = teacher_targets(self.teacher, img[None].to(dev), True, False)[LOGITS][0]
+            logits = teacher_targets(self.teacher, img[None].to(dev), True, False)[LOGITS]
+            if self.like_key is not None and logits.shape[2:] != d[self.like_key].shape[1:]:
+                logits = torch.nn.functional.interpolate(logits, size=tuple(d[self.like_key].shape[1:]),
+                                                         mode="bilinear", align_corners=False, antialias=True)
+            logits = logits[0]
             onehot = torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).permute(2, 0, 1).float()
             d[self.output_key] = onehot.to(img.device)
         return d
