@@ -16,7 +16,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, RandFlipd, ScaleI
 
 from helpers import run_bundle, verify_metadata
 from tsdk_monai.data import build_transfer_set
-from tsdk_monai.engines import DistillationPrepareBatch, TeacherCache, teacher_targets
+from tsdk_monai.engines import DistillationPrepareBatch, TeacherCache, keep_confident, teacher_targets
 from tsdk_monai.inferers import FeatureInferer
 from tsdk_monai.losses import TaskAgnosticKDLoss, TaskSpecificKDLoss
 from tsdk_monai.networks import resolve_teacher_dir
@@ -173,6 +173,29 @@ def test_teacher_reads_its_own_copy_of_the_images(teacher):
     torch.testing.assert_close(labeled["teacher_label"].argmax(0), want_small[0].argmax(0))
 
 
+def test_keep_confident_drops_the_synthetic_images_the_teacher_is_least_sure_of(teacher):
+    """``synthetic_keep`` of the bundle: the synthetic part of the transfer set is ranked by the teacher's mean
+    highest softmax probability and its best fraction (rounded up) stays; real images pass through untouched."""
+    torch.manual_seed(1)
+    syn = [{"image": torch.rand(1, 64, 64) * s, "source": "synthetic", "id": i}
+           for i, s in enumerate((0.1, 1.0, 0.5, 2.0, 0.2))]
+    real = [{"image": torch.rand(1, 64, 64), "source": "unlabeled", "id": 10 + i} for i in range(3)]
+    items = real[:1] + syn + real[1:]
+    score = {it["id"]: float(teacher(it["image"][None]).softmax(1).amax(1).mean()) for it in syn}
+    assert len(set(round(v, 6) for v in score.values())) == len(syn)  # the test can tell the images apart
+    kept = keep_confident(items, teacher, lambda d: d, keep=0.5)
+    best3 = sorted(score, key=score.get, reverse=True)[:3]  # ceil(0.5 * 5)
+    assert [it["id"] for it in kept if it["source"] == "synthetic"] == sorted(best3)  # the order is kept
+    assert [it["id"] for it in kept if it["source"] != "synthetic"] == [10, 11, 12]
+
+    def never(x):
+        raise AssertionError("keep 1 must not run the teacher")
+
+    assert [it["id"] for it in keep_confident(items, never, lambda d: d, keep=1.0)] == [it["id"] for it in items]
+    with pytest.raises(TSDKInputError, match="synthetic_keep"):
+        keep_confident(items, teacher, lambda d: d, keep=0.0)
+
+
 def test_teachers_and_students_speak_one_protocol(teacher):
     """``teacher_targets`` calls forward, forward_features or forward_with_features, whichever the loss needs; the
     feature inferer reads a student's features through forward (as DDP needs)."""
@@ -270,14 +293,18 @@ def test_bundle_task_specific(demo_datalist, teacher_ckpt, tmp_path, student):
         syn_dir = tmp_path / "synthetic"
         (syn_dir / "images").mkdir(parents=True)
         data = json.loads(Path(demo_datalist).read_text())
-        shutil.copy(Path(demo_datalist).parent / data["unlabeled"][0]["image"], syn_dir / "images" / "syn_0.png")
-        (syn_dir / "synthetic_datalist.json").write_text(json.dumps({"unlabeled": [{"image": "images/syn_0.png"}]}))
-        extra.update(teacher_cache_mode="disk", synthetic_datalist=str(syn_dir / "synthetic_datalist.json"))
+        for i in range(2):
+            shutil.copy(Path(demo_datalist).parent / data["unlabeled"][i]["image"], syn_dir / "images" / f"syn_{i}.png")
+        (syn_dir / "synthetic_datalist.json").write_text(json.dumps(
+            {"unlabeled": [{"image": f"images/syn_{i}.png"} for i in range(2)]}))
+        extra.update(teacher_cache_mode="disk", synthetic_datalist=str(syn_dir / "synthetic_datalist.json"),
+                     synthetic_keep=0.5)
     proc = run_bundle(BUNDLE, ["train.json"], _overrides(demo_datalist, out, **extra))
     _check_student(out, student)
     log = proc.stdout + proc.stderr
     if student == "unet_small":
-        assert "synthetic 1" in log and len(list((out / "eval" / "teacher_cache").glob("*.pt"))) == 7
+        assert "synthetic 2" in log and "synthetic images: kept 1 of 2" in log  # synthetic_keep 0.5
+        assert len(list((out / "eval" / "teacher_cache").glob("*.pt"))) == 7  # 6 labelled-pool images + 1
         return
     run_bundle(BUNDLE, ["train.json", "evaluate.json"], _overrides(demo_datalist, out, **extra))
     metrics = (out / "eval" / "metrics.csv").read_text()

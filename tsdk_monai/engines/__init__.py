@@ -9,12 +9,18 @@ from tsdk_monai.engines.diffusion import (
     diffusion_training_cases,
     load_weights,
 )
-from tsdk_monai.engines.distill import DistillationPrepareBatch, TeacherCache, cache_tag, teacher_targets
+from tsdk_monai.engines.distill import (
+    DistillationPrepareBatch,
+    TeacherCache,
+    cache_tag,
+    keep_confident,
+    teacher_targets,
+)
 from tsdk_monai.engines.sampler import SYNTHETIC_DATALIST, DiffusionSampler, encode_image, sample_images
 
 __all__ = [
     "amp_dtype", "autocast",
     "DiffusersInferer", "DiffusionTrainer", "MinSNRLoss", "diffusion_training_cases", "load_weights",
-    "DistillationPrepareBatch", "TeacherCache", "cache_tag", "teacher_targets",
+    "DistillationPrepareBatch", "TeacherCache", "cache_tag", "keep_confident", "teacher_targets",
     "SYNTHETIC_DATALIST", "DiffusionSampler", "encode_image", "sample_images",
 ]

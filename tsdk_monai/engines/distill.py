@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,7 +33,8 @@ from monai.utils import CommonKeys as Keys
 from tsdk_monai.engines.amp import autocast
 from tsdk_monai.utils import TSDKInputError, read_checkpoint, save_state_dict, unwrap
 
-__all__ = ["LOGITS", "FEATURES", "teacher_targets", "TeacherCache", "DistillationPrepareBatch", "cache_tag"]
+__all__ = ["LOGITS", "FEATURES", "teacher_targets", "TeacherCache", "DistillationPrepareBatch", "cache_tag",
+           "keep_confident"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,3 +250,42 @@ def cache_tag(*parts: Any, exclude: Sequence[str | os.PathLike] = ()) -> str:
             files = [f for f in files if not any(f.absolute().is_relative_to(e) for e in skip)]
             out += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
     return "|".join(out)
+
+
+def keep_confident(items: Sequence[Mapping[str, Any]], teacher: nn.Module, transform: Callable, keep: float = 1.0,
+                   source: str = "synthetic", image_key: str = "teacher_image",
+                   device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """The transfer set ``items`` without the ``source`` images the teacher is least sure of.
+
+    Each ``source`` item is loaded with ``transform`` (the bundle's preprocessing) and scored by the teacher's mean
+    confidence: the mean over pixels of its highest softmax probability. The best ``keep`` fraction (rounded up) of
+    them stays; the other items pass through. A synthetic image the task's teacher cannot read confidently is one
+    that looks least like the task's images, and its soft targets are the noisiest. ``keep`` 1 (the default) returns
+    ``items`` as they are and runs nothing.
+
+    Raises:
+        TSDKInputError: ``keep`` outside (0, 1], or a teacher without logits at the input size (the task-agnostic
+            VFM: it has no use for synthetic images).
+    """
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise TSDKInputError(f"synthetic_keep {keep}: must be in (0, 1] (the fraction of {source} images kept)")
+    items = [dict(it) for it in items]
+    chosen = [i for i, it in enumerate(items) if it.get("source") == source]
+    if keep >= 1.0 or not chosen:
+        return items
+    teacher = teacher.eval().requires_grad_(False)
+    scores = []
+    for i in chosen:
+        d = transform(dict(items[i]))
+        x = torch.as_tensor(d[image_key] if image_key in d else d[Keys.IMAGE]).as_subclass(torch.Tensor)
+        logits = teacher_targets(teacher, x[None].float().to(device), True, False)[LOGITS]
+        scores.append(float(logits.float().softmax(1).amax(1).mean()))
+    n_keep = max(1, math.ceil(keep * len(chosen)))
+    order = sorted(range(len(chosen)), key=lambda j: -scores[j])
+    dropped = {chosen[j] for j in order[n_keep:]}
+    kept_scores = sorted(scores[j] for j in order[:n_keep])
+    logger.info("%s images: kept %d of %d by the teacher's mean confidence (kept >= %.3f; all: min %.3f, median "
+                "%.3f, max %.3f)", source, n_keep, len(chosen), kept_scores[0], min(scores),
+                sorted(scores)[len(scores) // 2], max(scores))
+    return [it for i, it in enumerate(items) if i not in dropped]
