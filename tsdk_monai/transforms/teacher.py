@@ -21,8 +21,8 @@ class TeacherLabeld(MapTransform):
         keys: the image key (one): the teacher's own copy where it reads another size than the student.
         teacher: the frozen teacher (``forward(x)`` -> logits at the input size).
         output_key: where to put the labels.
-        like_key: when given, the teacher's logits are resized (bilinear, antialiased, as in training) to this item's spatial size before the
-            argmax, so the labels line up with the student's image and prediction.
+        like_key: when given, the teacher's logits are resized (bilinear, antialiased, as in training) to this
+            item's spatial size before the argmax, so the labels line up with the student's image and prediction.
     """
 
     def __init__(self, keys: str | Sequence[str], teacher: nn.Module, output_key: str = "teacher_label",
