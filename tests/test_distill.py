@@ -141,7 +141,6 @@ def test_joint_augmentation_keeps_targets_aligned(teacher):
     torch.testing.assert_close(t_aug["features"], plain["features"].flip(-1))
 
 
-
 def test_teacher_reads_its_own_copy_of_the_images(teacher):
     """With ``teacher_key`` the teacher reads that (larger) copy; its logits are resized to the student's images,
     its features are those of the copy, and the cache keeps them apart from targets of the student-size images."""

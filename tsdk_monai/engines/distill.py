@@ -34,11 +34,20 @@ from tsdk_monai.engines.amp import autocast
 from tsdk_monai.utils import TSDKInputError, read_checkpoint, save_state_dict, unwrap
 
 __all__ = ["LOGITS", "FEATURES", "teacher_targets", "TeacherCache", "DistillationPrepareBatch", "cache_tag",
-           "keep_confident"]
+           "keep_confident", "logits_at"]
 
 logger = logging.getLogger(__name__)
 
 LOGITS, FEATURES = "logits", "features"
+
+
+def logits_at(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``logits`` ``(B, C, h, w)`` at spatial ``size`` (bilinear, antialiased; as they are when already that size):
+    a teacher's logits of its own copy of the images, brought to the student's size."""
+    size = tuple(int(v) for v in size)
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 @torch.no_grad()
@@ -178,9 +187,8 @@ class DistillationPrepareBatch(PrepareBatch):
 
     def _teacher(self, images: torch.Tensor, size: Sequence[int]) -> dict[str, torch.Tensor]:
         out = teacher_targets(self.teacher, images, self.logits, self.features)
-        if LOGITS in out and tuple(out[LOGITS].shape[-2:]) != tuple(size):
-            out[LOGITS] = F.interpolate(out[LOGITS], size=tuple(size), mode="bilinear", align_corners=False,
-                                        antialias=True)
+        if LOGITS in out:
+            out[LOGITS] = logits_at(out[LOGITS], size)
         return out
 
     def targets(self, images: torch.Tensor, ids: Sequence[str] | None,
@@ -282,10 +290,9 @@ def keep_confident(items: Sequence[Mapping[str, Any]], teacher: nn.Module, trans
         logits = teacher_targets(teacher, x[None].float().to(device), True, False)[LOGITS]
         scores.append(float(logits.float().softmax(1).amax(1).mean()))
     n_keep = max(1, math.ceil(keep * len(chosen)))
-    order = sorted(range(len(chosen)), key=lambda j: -scores[j])
+    order = sorted(range(len(chosen)), key=lambda j: -scores[j])  # most confident first
     dropped = {chosen[j] for j in order[n_keep:]}
-    kept_scores = sorted(scores[j] for j in order[:n_keep])
     logger.info("%s images: kept %d of %d by the teacher's mean confidence (kept >= %.3f; all: min %.3f, median "
-                "%.3f, max %.3f)", source, n_keep, len(chosen), kept_scores[0], min(scores),
-                sorted(scores)[len(scores) // 2], max(scores))
+                "%.3f, max %.3f)", source, n_keep, len(chosen), scores[order[n_keep - 1]], scores[order[-1]],
+                scores[order[len(order) - 1 - len(order) // 2]], scores[order[0]])
     return [it for i, it in enumerate(items) if i not in dropped]

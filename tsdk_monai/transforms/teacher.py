@@ -33,16 +33,15 @@ class TeacherLabeld(MapTransform):
         self.like_key = like_key
 
     def __call__(self, data: Mapping) -> dict:
-        from tsdk_monai.engines.distill import LOGITS, teacher_targets
+        from tsdk_monai.engines.distill import LOGITS, logits_at, teacher_targets
 
         d = dict(data)
         for key in self.key_iterator(d):
             img = torch.as_tensor(d[key]).as_subclass(torch.Tensor).float()
             dev = next(self.teacher.parameters()).device
             logits = teacher_targets(self.teacher, img[None].to(dev), True, False)[LOGITS]
-            if self.like_key is not None and logits.shape[2:] != d[self.like_key].shape[1:]:
-                logits = torch.nn.functional.interpolate(logits, size=tuple(d[self.like_key].shape[1:]),
-                                                         mode="bilinear", align_corners=False, antialias=True)
+            if self.like_key is not None:
+                logits = logits_at(logits, d[self.like_key].shape[1:])
             logits = logits[0]
             onehot = torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).permute(2, 0, 1).float()
             d[self.output_key] = onehot.to(img.device)
