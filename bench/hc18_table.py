@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> str:
     grp = ap.add_mutually_exclusive_group()
     grp.add_argument("--full", action="store_true", help="paper-scale schedule for a GPU machine")
     grp.add_argument("--smoke", action="store_true", help="tiny schedule: the bench end to end in minutes")
+    ap.add_argument("--keep-aspect", action="store_true", help="letterbox the images (aspect kept) instead of "
+                    "squashing them to the square sizes")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N HC18 pairs (smoke runs)")
     args = ap.parse_args(argv)
     args.data = args.data or REPO.parent / "shared" / "data" / args.dataset
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> str:
     sizes = Schedule(**preset)
     if args.student:
         sizes.student = args.student
+    sizes.keep_aspect = args.keep_aspect
     for bundle, knobs in (args.extra or {}).items():
         sizes.extra = {**sizes.extra, bundle: {**sizes.extra.get(bundle, {}), **knobs}}
     n_labeled = args.n_labeled or ("20,40,80" if args.full else "4,8" if args.smoke else "20,80")

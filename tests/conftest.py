@@ -31,7 +31,7 @@ def exported_bundle(demo_datalist, tmp_path_factory) -> Path:
     from tsdk_monai.driver import Schedule, run_methods
 
     work = tmp_path_factory.mktemp("export_run")
-    tiny = Schedule(student_size=64, student_epochs=2, batch_size=3)
+    tiny = Schedule(student_size=64, student_epochs=2, batch_size=3, keep_aspect=True)  # exported with its geometry
     run_methods(demo_datalist, work, ["scratch"], tiny, n_labeled=6, seeds=0)
     out = work / "zoo"
     main(["export", str(work), str(out), "--method", "scratch", "--n_labeled", "6", "--seed", "0", "--version", "1.0.0",

@@ -53,6 +53,7 @@ def test_exported_bundle_is_self_contained(exported_bundle, tmp_path):
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "head"}
     inference = json.loads((b / "configs" / "inference.json").read_text())
     assert (inference["student"], inference["num_classes"], inference["image_size"]) == ("unet_small", 2, 64)
+    assert inference["keep_aspect"] is True and meta["tsdk"]["schedule"]["keep_aspect"] is True  # the run's geometry
     chosen = json.loads((run / "seed0" / "n6" / "scratch" / "models" / "postprocess.json").read_text())
     assert inference["keep_largest_component"] is chosen["keep_largest_component"]  # chosen on validation, baked in
     assert meta["tsdk"]["keep_largest_component"] is chosen["keep_largest_component"]

@@ -24,6 +24,9 @@ from tsdk_monai.utils import TSDKInputError
 TINY = Schedule(
     student_size=64, teacher_size=64, teacher_epochs=1, teacher_batch=2, synth_size=32, synth_epochs=1,
     synth_images=4, synth_steps=2, fid_real_images=8, distill_epochs=1, ssl_epochs=1, student_epochs=1, batch_size=3,
+    # every stage in the letterbox geometry: on the demo's square images it gives the squashed pixels, so the run
+    # checks that every bundle's keep_aspect path is wired (the bundles' own tests run the default)
+    keep_aspect=True,
     # distillation and pre-training on the labelled pool's pixels only (6 images), not the unlabelled ones too
     extra={"tsdk_synthesis": {"network_def#block_out_channels": [16, 32, 32], "batch_size": 8},
            "tsdk_distill": {"batch_size": 4, "use_unlabeled": False},

@@ -60,6 +60,7 @@ def run(
     ssl_epochs: int | None = None,
     student_epochs: int | None = None,
     batch_size: int | None = None,
+    keep_aspect: bool | None = None,
 ) -> None:
     """Run the stage bundles of each method for each number of labels and seed; write and print the report.
 
@@ -88,6 +89,8 @@ def run(
         synth_steps: DDIM sampling steps.
         fid_real_images: real images in the synthetic images' Frechet distance.
         batch_size: student batch size.
+        keep_aspect: letterbox every image to the square sizes above (longer side resized, shorter side padded)
+            instead of squashing it: for non-square images whose shapes matter; the exported student keeps it.
     """
     from tsdk_monai.driver import run_methods, schedule_of
 
@@ -95,7 +98,7 @@ def run(
                         teacher_epochs=teacher_epochs, teacher_batch=teacher_batch, synth_size=synth_size,
                         synth_epochs=synth_epochs, synth_images=synth_images, synth_steps=synth_steps,
                         fid_real_images=fid_real_images, distill_epochs=distill_epochs, ssl_epochs=ssl_epochs,
-                        student_epochs=student_epochs, batch_size=batch_size)
+                        student_epochs=student_epochs, batch_size=batch_size, keep_aspect=keep_aspect)
     print(run_methods(Path(datalist), Path(workdir), methods, sizes, n_labeled=n_labeled, seeds=seeds))
     print(f"\nreport: {Path(workdir) / 'report.md'}; plots: {Path(workdir) / 'plots'}")
 

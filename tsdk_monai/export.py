@@ -84,11 +84,11 @@ def _run_record(workdir: Path, method: str, n_labeled: int | None, seed: int) ->
 
 
 def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
-    """The trained student's name, classes, size and post-processing into the copied configs (no hand edits on the
-    user's side)."""
+    """The trained student's name, classes, size, geometry and post-processing into the copied configs (no hand
+    edits on the user's side)."""
     sizes = rec["manifest"]["sizes"]
     baked = {"student": sizes["student"], "num_classes": len(rec["labels"]) or int(rec["manifest"]["num_classes"]),
-             "image_size": int(sizes["student_size"])}
+             "image_size": int(sizes["student_size"]), "keep_aspect": bool(sizes.get("keep_aspect", False))}
     from tsdk_monai.transforms import read_postprocess_choice
 
     keep = read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")  # chosen on validation

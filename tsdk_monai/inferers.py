@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer, SliceInferer
 
 from tsdk_monai.engines.amp import autocast
+from tsdk_monai.transforms.geometry import letterbox_box
 from tsdk_monai.utils import unwrap
 
 __all__ = ["ResizeSliceInferer", "FeatureInferer", "AutocastInferer"]
@@ -24,24 +25,44 @@ class ResizeSliceInferer(Inferer):
     ``SliceInferer`` (each slice resized the same way), so the output keeps the volume's geometry and needs no
     inverse transform. Students and teachers stay plain networks; this is the one place that resizes at inference.
 
+    With ``keep_aspect`` the image is letterboxed as :class:`tsdk_monai.transforms.SquareResized` letterboxes it in
+    training (longer side to ``image_size``, zero padding split evenly), and the logits are cropped back to the image
+    before the resize to ``(H, W)``: metrics and masks are at the image's own resolution either way.
+
     Args:
-        image_size: the size the network was trained at, an int or ``(H, W)``.
+        image_size: the size the network was trained at, an int or ``(H, W)`` (square with ``keep_aspect``).
         spatial_dim: for 3D input, the axis to slice along (0, 1 or 2 of the spatial axes; 2 = axial in RAS NIfTI).
         sw_batch_size: slices per network call for 3D input.
+        keep_aspect: letterbox instead of squashing (the geometry the network was trained with).
+        antialias: antialiased downsampling of the input (as the training resize had ``anti_aliasing``).
     """
 
-    def __init__(self, image_size: int | Sequence[int] = 256, spatial_dim: int = 2, sw_batch_size: int = 8) -> None:
+    def __init__(self, image_size: int | Sequence[int] = 256, spatial_dim: int = 2, sw_batch_size: int = 8,
+                 keep_aspect: bool = False, antialias: bool = False) -> None:
         super().__init__()
         self.image_size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        if keep_aspect and self.image_size[0] != self.image_size[1]:
+            raise ValueError(f"keep_aspect letterboxes into a square; got image_size {self.image_size}")
         self.spatial_dim = spatial_dim
         self.sw_batch_size = sw_batch_size
+        self.keep_aspect, self.antialias = bool(keep_aspect), bool(antialias)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, ...], antialias: bool = False) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=antialias)
 
     def _resized(self, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
             size = tuple(x.shape[-2:])
-            x_in = x if size == self.image_size else F.interpolate(x, self.image_size, mode="bilinear", align_corners=False)
+            if not self.keep_aspect:
+                out = network(self._resize(x, self.image_size, self.antialias), *args, **kwargs)
+                return self._resize(out, size)
+            side = self.image_size[0]
+            h, w, top, left = letterbox_box(size[0], size[1], side)
+            x_in = F.pad(self._resize(x, (h, w), self.antialias), (left, side - w - left, top, side - h - top))
             out = network(x_in, *args, **kwargs)
-            return out if size == self.image_size else F.interpolate(out, size, mode="bilinear", align_corners=False)
+            return self._resize(out[..., top:top + h, left:left + w], size)
 
         return run
 

@@ -203,7 +203,10 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         f"Data: `{manifest['datalist']}` ({manifest['num_classes']} classes); labelled cases: "
         f"{', '.join(map(str, manifest['n_labeled']))}; seeds: {', '.join(map(str, manifest['seeds']))} (the seed picks "
         "the labelled subset and seeds every stage's training). Test Dice and HD95: mean over the test split of the "
-        "foreground classes, then mean ± std over seeds (no ± with one seed).",
+        "foreground classes, then mean ± std over seeds (no ± with one seed). Geometry: the teacher at "
+        f"{sizes['teacher_size']} px, the students at {sizes['student_size']} px, every image "
+        f"{'letterboxed (aspect kept, zero padding)' if sizes.get('keep_aspect') else 'squashed'} to that square; "
+        "predictions are resized back to each test image's own size before they are scored.",
         "",
         table,
         "",
@@ -211,8 +214,8 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
          f"repeats taken in turns, {nets['threads']['torch_threads']} torch threads, measured by the driver after the "
          f"stages (`networks.json`). {ratio}" if nets else "")+
         "Stage minutes: wall time of every stage the row needs (shared label-free stages and the teacher included), "
-        "mean over seeds: the compute budget of the row. Test HD95: 95th-percentile Hausdorff distance in pixels at "
-        "the evaluation size, mean over the test cases and classes; a class missed in an image that has it, or "
+        "mean over seeds: the compute budget of the row. Test HD95: 95th-percentile Hausdorff distance in pixels of "
+        "the original image, mean over the test cases and classes; a class missed in an image that has it, or "
         "predicted in one that has not, counts as the image diagonal (not left out).",
         "",
         "## Dice vs number of labels",

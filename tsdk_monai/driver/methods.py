@@ -28,7 +28,9 @@ class Schedule:
     ``iterations_like``: when set, ``teacher_epochs`` and ``student_epochs`` are meant for that many labelled cases;
     a run with ``n`` labels gets ``round(iterations_like / n)`` times as many epochs (and validates that much less
     often), so every number of labels trains for about the same number of iterations. ``extra`` maps a bundle name
-    (``tsdk_synthesis``, ...) to more overrides for every stage of that bundle.
+    (``tsdk_synthesis``, ...) to more overrides for every stage of that bundle. ``keep_aspect``: every stage
+    letterboxes its images to its square size (the longer side resized, the shorter padded) instead of squashing them
+    (the bundles' ``keep_aspect``; the same geometry for the teacher, the synthesis, the students and their inference).
     """
 
     student: str = "unet_small"
@@ -46,6 +48,7 @@ class Schedule:
     student_epochs: int = 12
     batch_size: int = 8
     iterations_like: int | None = None
+    keep_aspect: bool = False
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def epoch_scale(self, n_labeled: int) -> int:
@@ -83,8 +86,8 @@ def method_stages(
     datalist = Path(datalist).absolute()
     pool = Path(pool_datalist).absolute() if pool_datalist else datalist
 
-    def data(d: Path) -> dict[str, Any]:
-        return {"dataset_dir": str(d.parent), "datalist": str(d), "seed": seed}
+    def data(d: Path) -> dict[str, Any]:  # every stage: its data, its seed and the run's geometry
+        return {"dataset_dir": str(d.parent), "datalist": str(d), "seed": seed, **geometry_of(s)}
 
     def extra(bundle: str) -> dict[str, Any]:
         return dict(s.extra.get(bundle, {}))
@@ -167,6 +170,11 @@ def method_stages(
     }
 
 
+def geometry_of(s: Schedule) -> dict[str, Any]:
+    """The geometry override of every stage of ``s`` (none for the bundles' default, squashing)."""
+    return {"keep_aspect": True} if s.keep_aspect else {}
+
+
 def overlay_stages(dirs: RunDirs, methods: list[str], s: Schedule, num_classes: int, datalist: Path,
                    prefix: str = "") -> dict[str, Stage]:
     """Inference of the teacher and of each student of one run on ``datalist``'s test split (the report's figure).
@@ -178,7 +186,7 @@ def overlay_stages(dirs: RunDirs, methods: list[str], s: Schedule, num_classes: 
     out: dict[str, Stage] = {}
     for m in methods:
         o = dirs.overlay(m)
-        common = {"output_dir": str(o), "output_ext": ".nii.gz"}
+        common = {"output_dir": str(o), "output_ext": ".nii.gz", **geometry_of(s)}
         if m == "teacher":
             out[m] = Stage(f"{prefix}teacher_overlay", "tsdk_teacher", ["inference.json"], {
                 "dataset_dir": str(datalist.parent), "datalist": str(datalist), "infer_split": "test",

@@ -41,19 +41,21 @@ logger = logging.getLogger(__name__)
 
 
 def load_images(
-    paths: Sequence[str | os.PathLike], image_size: int, intensity_range: Sequence[float] = (0, 255), progress: bool = True
+    paths: Sequence[str | os.PathLike], image_size: int, intensity_range: Sequence[float] = (0, 255), progress: bool = True,
+    keep_aspect: bool = False,
 ) -> torch.Tensor:
     """Read images with MONAI's ``LoadImage`` and bring them to ``(N, 1, S, S)`` in ``[0, 1]``.
 
     RGB(A) images are converted to grey (``tsdk_monai.transforms.EnsureGrey``); intensities are mapped from
     ``intensity_range`` to ``[0, 1]`` and clipped; images are resized to ``S = image_size`` with area interpolation
-    (the diffusion model's input size).
+    (the diffusion model's input size), squashed or, with ``keep_aspect``, letterboxed as the synthesis bundle's
+    training images are (:class:`tsdk_monai.transforms.SquareResized`).
 
     Raises:
         TSDKInputError: a file is missing or unreadable (naming it).
     """
     from tsdk_monai.data import read_array
-    from tsdk_monai.transforms import EnsureGrey
+    from tsdk_monai.transforms import EnsureGrey, letterbox_box
 
     lo, hi = float(intensity_range[0]), float(intensity_range[1])
     grey = EnsureGrey()
@@ -65,8 +67,10 @@ def load_images(
         if arr.shape[0] not in (1, 2, 3, 4):
             raise TSDKInputError(f"{p}: image has {arr.shape[0]} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
         t = torch.as_tensor(np.asarray(grey(arr), dtype=np.float32))[None]
-        t = F.interpolate(t, size=(image_size, image_size), mode="area") if t.shape[-2:] != (image_size, image_size) else t
-        out.append(((t - lo) / (hi - lo)).clamp(0, 1))
+        h, w, top, left = letterbox_box(*t.shape[-2:], image_size) if keep_aspect else (image_size, image_size, 0, 0)
+        t = F.interpolate(t, size=(h, w), mode="area") if t.shape[-2:] != (h, w) else t
+        t = ((t - lo) / (hi - lo)).clamp(0, 1)
+        out.append(F.pad(t, (left, image_size - w - left, top, image_size - h - top)) if keep_aspect else t)
     if not out:
         raise TSDKInputError("no image to read")
     return torch.cat(out)
@@ -260,6 +264,8 @@ class SyntheticQualityReport:
         feature_extractor: module for the Fréchet distance (the VFM encoder in the bundle).
         output_dir: where to write; default the synthetic datalist's folder.
         image_size: both sets are compared at this size (the diffusion model's).
+        keep_aspect: letterbox the images to that size (as the bundle trained with ``keep_aspect``) instead of
+            squashing them.
         intensity_range: the real data's intensity range, mapped to ``[0, 1]`` (synthetic PNGs use 0..255).
         splits: real splits to compare against (never ``test``).
         copy_threshold, nn_size, max_real_for_fid, seed, batch_size, device, noise_baseline: see
@@ -286,6 +292,7 @@ class SyntheticQualityReport:
         grid_rows: int = 2,
         progress: bool = True,
         noise_baseline: bool = False,
+        keep_aspect: bool = False,
     ) -> None:
         self.real_datalist, self.synthetic_datalist = Path(real_datalist), Path(synthetic_datalist)
         self.feature_extractor = feature_extractor
@@ -296,6 +303,7 @@ class SyntheticQualityReport:
             batch_size=batch_size, device=device, progress=progress, noise_baseline=noise_baseline,
         )
         self.grid_columns, self.grid_rows, self.progress = grid_columns, grid_rows, progress
+        self.keep_aspect = bool(keep_aspect)
 
     def run(self) -> dict[str, Any]:
         """Compute the report; write ``quality.json`` and ``quality_grid.png`` atomically; return the report."""
@@ -307,10 +315,10 @@ class SyntheticQualityReport:
         real_paths = [c["image"] for c in diffusion_training_cases(self.real_datalist, self.splits)]
         syn_cases = load_split(self.synthetic_datalist, "unlabeled")
         syn_paths = [c["image"] for c in syn_cases]
-        real = load_images(real_paths, self.image_size, self.intensity_range, self.progress)
+        real = load_images(real_paths, self.image_size, self.intensity_range, self.progress, self.keep_aspect)
         # synthetic files hold [0, 255] (PNG) or the data's range (NIfTI, written by DiffusionSampler)
         syn_range = (0, 255) if all(p.lower().endswith(".png") for p in syn_paths) else self.intensity_range
-        synthetic = load_images(syn_paths, self.image_size, syn_range, self.progress)
+        synthetic = load_images(syn_paths, self.image_size, syn_range, self.progress, self.keep_aspect)
         report = quality_report(
             real, synthetic, self.feature_extractor,
             real_names=[str(Path(p).name) for p in real_paths], synthetic_names=[str(Path(p).name) for p in syn_paths],
