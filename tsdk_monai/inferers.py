@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SimpleInferer, SliceInferer
 
 from tsdk_monai.engines.amp import autocast
-from tsdk_monai.transforms.geometry import letterbox_box
+from tsdk_monai.transforms.geometry import letterbox_box, letterbox_pad
 from tsdk_monai.utils import unwrap
 
 __all__ = ["ResizeSliceInferer", "FeatureInferer", "AutocastInferer"]
@@ -59,9 +59,8 @@ class ResizeSliceInferer(Inferer):
                 out = network(self._resize(x, self.image_size, self.antialias), *args, **kwargs)
                 return self._resize(out, size)
             side = self.image_size[0]
-            h, w, top, left = letterbox_box(size[0], size[1], side)
-            x_in = F.pad(self._resize(x, (h, w), self.antialias), (left, side - w - left, top, side - h - top))
-            out = network(x_in, *args, **kwargs)
+            box = h, w, top, left = letterbox_box(size[0], size[1], side)
+            out = network(letterbox_pad(self._resize(x, (h, w), self.antialias), box, side), *args, **kwargs)
             return self._resize(out[..., top:top + h, left:left + w], size)
 
         return run

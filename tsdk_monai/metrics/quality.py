@@ -55,7 +55,7 @@ def load_images(
         TSDKInputError: a file is missing or unreadable (naming it).
     """
     from tsdk_monai.data import read_array
-    from tsdk_monai.transforms import EnsureGrey, letterbox_box
+    from tsdk_monai.transforms import EnsureGrey, letterbox_box, letterbox_pad
 
     lo, hi = float(intensity_range[0]), float(intensity_range[1])
     grey = EnsureGrey()
@@ -67,10 +67,10 @@ def load_images(
         if arr.shape[0] not in (1, 2, 3, 4):
             raise TSDKInputError(f"{p}: image has {arr.shape[0]} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
         t = torch.as_tensor(np.asarray(grey(arr), dtype=np.float32))[None]
-        h, w, top, left = letterbox_box(*t.shape[-2:], image_size) if keep_aspect else (image_size, image_size, 0, 0)
-        t = F.interpolate(t, size=(h, w), mode="area") if t.shape[-2:] != (h, w) else t
-        t = ((t - lo) / (hi - lo)).clamp(0, 1)
-        out.append(F.pad(t, (left, image_size - w - left, top, image_size - h - top)) if keep_aspect else t)
+        box = letterbox_box(*t.shape[-2:], image_size) if keep_aspect else (image_size, image_size, 0, 0)
+        t = F.interpolate(t, size=box[:2], mode="area") if t.shape[-2:] != box[:2] else t
+        t = ((t - lo) / (hi - lo)).clamp(0, 1)  # then black padding, whatever the data's range
+        out.append(letterbox_pad(t, box, image_size))
     if not out:
         raise TSDKInputError("no image to read")
     return torch.cat(out)

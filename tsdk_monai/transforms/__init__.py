@@ -6,7 +6,7 @@ VFM input normalisation (grey to 3 channels, resize to the VFM's size, mean/std)
 :class:`tsdk_monai.networks.VFMEncoder`, so every caller of a VFM gets it.
 """
 
-from tsdk_monai.transforms.geometry import SquareResized, letterbox_box
+from tsdk_monai.transforms.geometry import SquareResized, letterbox_box, letterbox_pad
 from tsdk_monai.transforms.intensity import CheckLabeld, EnsureGrey, EnsureGreyd, source_name
 from tsdk_monai.transforms.io import CheckedLoadImaged
 from tsdk_monai.transforms.postprocess import ChosenPostprocessd, read_postprocess_choice
@@ -14,5 +14,5 @@ from tsdk_monai.transforms.teacher import TeacherLabeld
 
 __all__ = [
     "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "SquareResized",
-    "TeacherLabeld", "letterbox_box", "read_postprocess_choice", "source_name",
+    "TeacherLabeld", "letterbox_box", "letterbox_pad", "read_postprocess_choice", "source_name",
 ]

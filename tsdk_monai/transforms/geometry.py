@@ -13,7 +13,7 @@ from typing import Any, Hashable, Mapping, Sequence
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Resized, SpatialPadd
 
-__all__ = ["SquareResized", "letterbox_box"]
+__all__ = ["SquareResized", "letterbox_box", "letterbox_pad"]
 
 
 def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
@@ -25,6 +25,15 @@ def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, in
     scale = size / max(height, width)
     h, w = (int(round(s * scale)) for s in (height, width))
     return h, w, (size - h) // 2, (size - w) // 2
+
+
+def letterbox_pad(x: Any, box: tuple[int, int, int, int], size: int) -> Any:
+    """``x`` ``(..., h, w)``, already resized to ``box``'s ``(h, w)``, zero-padded to ``size`` x ``size`` where
+    :func:`letterbox_box` puts it (a tensor-level twin of ``SpatialPadd(method="symmetric")``)."""
+    import torch.nn.functional as F
+
+    h, w, top, left = box
+    return F.pad(x, (left, size - w - left, top, size - h - top))
 
 
 class SquareResized(MapTransform):
