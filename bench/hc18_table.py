@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--student", default=None, help="unet_small (default) or vit_tiny")
     ap.add_argument("--extra", type=json.loads, default=None, help="more bundle overrides, as JSON: bundle name -> "
                     "{knob: value} (an ablation, e.g. '{\"tsdk_teacher\": {\"lr_cosine_cycles\": 0}}')")
+    ap.add_argument("--schedule", type=json.loads, default=None, help="schedule settings over the preset's, as JSON "
+                    "(an ablation, e.g. '{\"teacher_size\": 256}'; the fields of tsdk_monai.driver.Schedule)")
     grp = ap.add_mutually_exclusive_group()
     grp.add_argument("--full", action="store_true", help="paper-scale schedule for a GPU machine")
     grp.add_argument("--smoke", action="store_true", help="tiny schedule: the bench end to end in minutes")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     args.work = args.work or REPO / "bench" / "out" / f"{args.dataset}_table"
 
     preset = FULL if args.full else SMOKE if args.smoke else CPU
-    sizes = Schedule(**preset)
+    sizes = Schedule(**{**preset, **(args.schedule or {})})
     if args.student:
         sizes.student = args.student
     sizes.keep_aspect = args.keep_aspect

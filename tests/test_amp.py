@@ -45,21 +45,25 @@ def _distill_steps(amp: bool) -> tuple[list[torch.dtype], list[float], torch.nn.
         prepare_batch=DistillationPrepareBatch(teacher, True, True, amp=amp, amp_kwargs=kwargs),
         inferer=AutocastInferer(FeatureInferer(True), enabled=amp, amp_kwargs=kwargs))
     dtypes, losses = [], []
+    student.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))  # inside the autocast region
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (
-        dtypes.append(e.state.output["pred"]["logits"].dtype), losses.append(e.state.output["loss"])))
+        losses.append(e.state.output["loss"]),
+        # what leaves the inferer is float32 again, for the loss and the handlers
+        dtypes.append(e.state.output["pred"]["logits"].dtype)))
     trainer.run()
     return dtypes, losses, student, before
 
 
 def test_distillation_trainer_bf16_autocast_on_cpu():
     dtypes, losses, student, before = _distill_steps(amp=True)
-    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the student's forward ran under bfloat16 autocast
+    # the student's forward ran under bfloat16 autocast; its logits reached the trainer in float32
+    assert dtypes == [torch.bfloat16, torch.float32] * 2
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses)  # the loss in float32
     assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights stay float32
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "the bfloat16 step did not update the student"
     off, _, _, _ = _distill_steps(amp=False)
-    assert off == [torch.float32, torch.float32]
+    assert off == [torch.float32] * 4
 
 
 @pytest.mark.parametrize("bundle", ["tsdk_teacher", "tsdk_synthesis", "tsdk_distill", "tsdk_student"])
@@ -81,6 +85,13 @@ def test_bundle_amp_and_channels_last_switches(bundle):
     assert parser.get_parsed_content("train#trainer#amp_kwargs") == {"dtype": torch.float16}
     if bundle != "tsdk_synthesis":
         assert parser.get_parsed_content("validate#evaluator#amp") is True
+    if bundle in ("tsdk_teacher", "tsdk_student"):  # MONAI autocasts on CUDA only: the inferers do it on the CPU too
+        net = torch.nn.Conv2d(1, 2, 3, padding=1)
+        seen = []
+        net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        for key in ("train#inferer", "validate#inferer"):
+            out = parser.get_parsed_content(key)(torch.rand(1, 1, 64, 48), net)
+            assert seen.pop() == torch.float16 and out.dtype == torch.float32, key  # float32 for loss and metrics
     assert parser.get_parsed_content("memory_format") == torch.channels_last
     assert "@memory_format" in parser["network#module"]  # the DDP-wrapped network gets the same layout
     if bundle in ("tsdk_student", "tsdk_synthesis"):  # cheap networks: build one and look at its conv weights

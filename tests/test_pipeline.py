@@ -62,6 +62,23 @@ def test_every_method_is_made_of_bundle_runs(tmp_path):
     assert no_synth.command()[no_synth.command().index("--use_synthetic") + 1] == "False"
 
 
+def test_method_extra_reaches_only_that_methods_stages(tmp_path):
+    """A per-method knob (chosen on validation) goes to that method's own stages, over the bundle-wide one."""
+    s = Schedule(extra={"tsdk_student": {"learning_rate": 1e-3}, "tsdk_distill": {"epochs": 3}},
+                 method_extra={"tskd": {"tsdk_student": {"learning_rate": 3e-4}, "tsdk_distill": {"epochs": 4}},
+                               "mae": {"tsdk_ssl": {"learning_rate": 5e-4}}})
+    stages = method_stages(tmp_path / "data" / "datalist.json", RunDirs(tmp_path, tmp_path), s)
+    by = {st.name: st.overrides for sts in stages.values() for st in sts}
+    assert by["tskd_finetune"]["learning_rate"] == 3e-4 and by["tskd_evaluate"]["learning_rate"] == 3e-4
+    assert by["tskd_distill"]["epochs"] == 4 and by["tskd_no_synth_distill"]["epochs"] == 3
+    for m in ("scratch", "tskd_no_synth", "task_agnostic_kd", "mae", "mocov3"):
+        assert by[f"{m}_finetune"]["learning_rate"] == 1e-3
+    assert by["mae_pretrain"]["learning_rate"] == 5e-4 and "learning_rate" not in by["mocov3_pretrain"]
+    assert "learning_rate" not in by["teacher"] and by["synthesis_train"]["epochs"] == s.synth_epochs  # shared stages
+    with pytest.raises(TSDKInputError, match="method_extra: not a method: tskd2"):
+        Schedule(method_extra={"tskd2": {"tsdk_student": {"learning_rate": 3e-4}}})
+
+
 def test_plan_shares_label_free_stages(demo_datalist, tmp_path):
     plan = plan_runs(demo_datalist, tmp_path, list(METHODS), TINY, n_labeled="3,6", seeds=(0, 1))
     names = [st.name for st in plan.stages]

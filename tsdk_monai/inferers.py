@@ -113,7 +113,9 @@ class FeatureInferer(Inferer):
 class AutocastInferer(Inferer):
     """Run ``inferer`` under ``torch.autocast`` on the input's device type when ``enabled``: the one mixed-precision
     switch of the trainers whose step MONAI's ``amp`` does not cover on the CPU (MONAI autocasts on CUDA only), so
-    ``amp=True`` with ``amp_dtype="bfloat16"`` also runs on the CPU. Losses compute in float32 themselves.
+    ``amp=True`` with ``amp_dtype="bfloat16"`` also runs on the CPU (with AMX or AVX-512 BF16, several times faster than
+    float32: ``bench/cpu_amp.py``). Floating outputs come back in float32 (a tensor, or the tensors of a dict, list or
+    tuple), so a loss, a metric or an argmax downstream never sees the low-precision copy.
 
     Args:
         inferer: the inner inferer (default ``SimpleInferer``).
@@ -130,4 +132,16 @@ class AutocastInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with autocast(inputs.device, self.enabled, self.amp_kwargs):
-            return self.inferer(inputs, network, *args, **kwargs)
+            out = self.inferer(inputs, network, *args, **kwargs)
+        return _float32(out) if self.enabled else out
+
+
+def _float32(out: Any) -> Any:
+    """``out`` with its floating tensors (itself, or those of a dict, list or tuple) in float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, Mapping):
+        return type(out)({k: _float32(v) for k, v in out.items()})
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(v) for v in out)
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 
 from tsdk_monai.layout import RunDirs
 from tsdk_monai.driver.stages import Stage
+from tsdk_monai.utils import TSDKInputError
 
 __all__ = ["METHODS", "Schedule", "method_stages", "overlay_stages"]
 
@@ -28,7 +29,10 @@ class Schedule:
     ``iterations_like``: when set, ``teacher_epochs`` and ``student_epochs`` are meant for that many labelled cases;
     a run with ``n`` labels gets ``round(iterations_like / n)`` times as many epochs (and validates that much less
     often), so every number of labels trains for about the same number of iterations. ``extra`` maps a bundle name
-    (``tsdk_synthesis``, ...) to more overrides for every stage of that bundle. ``keep_aspect``: every stage
+    (``tsdk_synthesis``, ...) to more overrides for every stage of that bundle; ``method_extra`` maps a method (``tskd``,
+    ...) to such a mapping for that method's own stages only (its distillation or pre-training and its student; not
+    the teacher or the synthesis, which methods share), on top of ``extra``: a knob chosen per method on the
+    validation split (e.g. a distilled student's fine-tuning learning rate). ``keep_aspect``: every stage
     letterboxes its images to its square size (the longer side resized, the shorter padded) instead of squashing them
     (the bundles' ``keep_aspect``; the same geometry for the teacher, the synthesis, the students and their inference).
     """
@@ -50,6 +54,12 @@ class Schedule:
     iterations_like: int | None = None
     keep_aspect: bool = False
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_extra: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.method_extra) - set(METHODS))
+        if unknown:
+            raise TSDKInputError(f"method_extra: not a method: {', '.join(unknown)} (methods: {', '.join(METHODS)})")
 
     def epoch_scale(self, n_labeled: int) -> int:
         """The factor of the teacher's and the students' fine-tuning epochs for ``n_labeled`` labels."""
@@ -89,8 +99,8 @@ def method_stages(
     def data(d: Path) -> dict[str, Any]:  # every stage: its data, its seed and the run's geometry
         return {"dataset_dir": str(d.parent), "datalist": str(d), "seed": seed, **geometry_of(s)}
 
-    def extra(bundle: str) -> dict[str, Any]:
-        return dict(s.extra.get(bundle, {}))
+    def extra(bundle: str, method: str | None = None) -> dict[str, Any]:  # the bundle's, then the method's own
+        return {**s.extra.get(bundle, {}), **(s.method_extra.get(method, {}).get(bundle, {}) if method else {})}
 
     every = {"val_interval": epoch_scale} if epoch_scale > 1 else {}
     teacher_models = dirs.teacher_models
@@ -122,14 +132,14 @@ def method_stages(
             **data(d_list), "ckpt_dir": str(d / "distill"), "output_dir": str(d / "distill_eval"),
             "student": s.student, "image_size": s.student_size, "teacher_image_size": s.teacher_size,
             "epochs": s.distill_epochs, **over,
-            **extra("tsdk_distill"),
+            **extra("tsdk_distill", name),
         }, [d / "distill" / "student_distilled.pt"], inputs=[d_list] + inputs, clean=[d / "distill", d / "distill_eval"])
 
     def ssl(method: str) -> Stage:
         c = dirs.pretrain(method)
         return Stage(f"{shared_prefix}{method}_pretrain", "tsdk_ssl", ["train.json"], {
             **data(pool), "ckpt_dir": str(c), "student": s.student, "image_size": s.student_size, "method": method,
-            "epochs": s.ssl_epochs, "use_synthetic": False, "progress": False, **extra("tsdk_ssl"),
+            "epochs": s.ssl_epochs, "use_synthetic": False, "progress": False, **extra("tsdk_ssl", method),
         }, [c / "student_pretrained.pt"], inputs=[pool], clean=[c])
 
     def student(method: str, init: Path | None) -> list[Stage]:
@@ -137,11 +147,11 @@ def method_stages(
                   "student": s.student, "image_size": s.student_size}
         train = Stage(f"{prefix}{method}_finetune", "tsdk_student", ["train.json"], {
             **common, "epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
-            "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student"),
+            "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student", method),
         }, [dirs.model(method)], inputs=[datalist] + ([init] if init else []),
             clean=[dirs.models(method), dirs.evaluation(method)])
         evaluate = Stage(f"{prefix}{method}_evaluate", "tsdk_student", ["train.json", "evaluate.json"],
-                         {**common, **extra("tsdk_student")}, [dirs.metrics(method)],
+                         {**common, **extra("tsdk_student", method)}, [dirs.metrics(method)],
                          inputs=[datalist, dirs.model(method)])
         return [train, evaluate]
 
