@@ -2,8 +2,8 @@
 
 The training bundles' ``amp`` switch (``amp_dtype`` bfloat16) autocasts on the device's type, the CPU included. On a
 CPU with AMX or AVX-512 BF16 (``lscpu``: ``amx_bf16``, ``avx512_bf16``), oneDNN runs bfloat16 matrix products and
-convolutions several times faster than float32, which is what lets ``--preset cpu`` train the LiteMedSAM teacher and
-the students at 256 px on 2 cores. Without those instructions bfloat16 may be slower: measure before turning it on.
+convolutions several times faster than float32: ``--preset cpu`` turns ``amp`` on for the teacher, the distillation
+and the students. Without those instructions bfloat16 may be slower: measure before turning it on.
 
     python bench/cpu_amp.py                      # teacher (LoRA step, inference) and student at 128 and 256 px
     python bench/cpu_amp.py --sizes 64 --steps 1 # smoke test
@@ -14,9 +14,15 @@ Prints, per network and size, the best-of-N seconds in float32 and under bfloat1
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_teacher import _teacher_step  # noqa: E402  (one training step, float32 or bfloat16 autocast)
 
 
 def _best(fn, steps: int) -> float:
@@ -27,25 +33,6 @@ def _best(fn, steps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def _train_step(net: torch.nn.Module, batch: int, size: int, amp: bool, num_classes: int):
-    from monai.losses import DiceCELoss
-
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    x = torch.rand(batch, 1, size, size)
-    y = torch.randint(0, num_classes, (batch, 1, size, size)).float()
-
-    def step():
-        net.train()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = net(x)
-        loss_fn(out.float(), y).backward()  # the loss in float32, as the bundles compute it
-        opt.step()
-
-    return step
 
 
 def _infer(net: torch.nn.Module, batch: int, size: int, amp: bool):
@@ -74,9 +61,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         teacher = LoRASegTeacher(num_classes=3, img_size=size)
         student = build_student("unet_small", num_classes=3, img_size=size)
         cases = {
-            f"teacher LoRA step, batch 4, {size} px": lambda amp: _train_step(teacher, 4, size, amp, 3),
+            f"teacher LoRA step, batch 4, {size} px": lambda amp: _teacher_step(teacher, 4, size, amp),
             f"teacher inference, batch 8, {size} px": lambda amp: _infer(teacher, 8, size, amp),
-            f"student step, batch 8, {size} px": lambda amp: _train_step(student, 8, size, amp, 3),
+            f"student step, batch 8, {size} px": lambda amp: _teacher_step(student, 8, size, amp),
         }
         for name, make in cases.items():
             fp32, bf16 = (_best(make(amp), args.steps) for amp in (False, True))

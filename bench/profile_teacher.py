@@ -57,7 +57,9 @@ def _timed(fn, steps: int, warmup: bool = True) -> float:
     return best
 
 
-def _teacher_step(net, batch: int, size: int):
+def _teacher_step(net, batch: int, size: int, amp: bool = False):
+    """One training step of ``net`` on random images (bfloat16 autocast with ``amp``, the loss in float32 as the
+    bundles compute it)."""
     from monai.losses import DiceCELoss
 
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -67,7 +69,9 @@ def _teacher_step(net, batch: int, size: int):
     def step():
         net.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        loss = loss_fn(out.float(), y)
         loss.backward()
         opt.step()
         return loss
@@ -103,7 +107,7 @@ def stage_costs(args) -> list[tuple[str, float]]:
                 t_logits, t_emb = targets
             opt.zero_grad(set_to_none=True)
             logits, feats = student.forward_with_features(x)
-            loss(logits, t_logits, feats, t_emb).backward()
+            loss({"logits": logits, "features": feats}, {"logits": t_logits, "features": t_emb}).backward()
             opt.step()
 
         name = "distillation step, cached teacher" if cached else "distillation step, teacher online"
