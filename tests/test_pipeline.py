@@ -3,6 +3,7 @@ stages resumed, and the report (table and plots)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -77,6 +78,18 @@ def test_method_extra_reaches_only_that_methods_stages(tmp_path):
     assert "learning_rate" not in by["teacher"] and by["synthesis_train"]["epochs"] == s.synth_epochs  # shared stages
     with pytest.raises(TSDKInputError, match="method_extra: not a method: tskd2"):
         Schedule(method_extra={"tskd2": {"tsdk_student": {"learning_rate": 3e-4}}})
+
+
+@pytest.mark.parametrize("epochs,scale,every", [(8, 1, None), (8, 4, 4), (24, 1, 3), (24, 4, 12), (50, 1, 5), (7, 1, None)])
+def test_teacher_validates_about_eight_times_and_after_its_last_epoch(tmp_path, epochs, scale, every):
+    """A longer teacher schedule does not pay for more validation passes (each as long as ~20 training steps), and
+    the last epoch, where the decayed learning rate usually leaves the best weights, is always scored."""
+    s = Schedule(teacher_epochs=epochs)
+    teacher = method_stages(tmp_path / "d.json", RunDirs(tmp_path, tmp_path), s, epoch_scale=scale)["teacher"][0]
+    assert teacher.overrides["epochs"] == epochs * scale
+    assert teacher.overrides.get("val_interval") == every
+    if every:
+        assert (epochs * scale) % every == 0 and 8 <= (epochs * scale) // every <= 10
 
 
 def test_plan_shares_label_free_stages(demo_datalist, tmp_path):
@@ -258,6 +271,50 @@ def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
     assert "Epoch: 1/6," not in resumed and "Epoch: 6/6," in resumed, resumed[:3000]
     assert json.loads((work / "logs" / f"{stage}.stage.json").read_text())["state"] == "done"
     assert (work / "seed0" / "n6" / "scratch" / "eval" / "metrics.json").is_file()
+
+
+def _writers_of(log: Path) -> list[int]:
+    """The processes whose stdout is ``log`` (a stage's process, forked or not)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and os.readlink(p / "fd" / "1") == str(log):
+                pids.append(int(p.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the stage's process through /proc (Linux)")
+@pytest.mark.parametrize("launch", ["fork", "subprocess"])
+def test_sigterm_to_the_driver_ends_its_stage(demo_datalist, tmp_path, launch):
+    """`kill DRIVER` (SIGTERM to the driver alone, as `pkill -f bench/...` sends it) ends the running stage too; it
+    used to train on alone for the rest of the stage, holding the cores of whatever ran next."""
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "tsdk_monai", "run", "--datalist", str(demo_datalist), "--workdir", str(work),
+           "--methods", "scratch", "--n_labeled", "6", "--student_size", "64", "--student_epochs", "500",
+           "--batch_size", "3"]
+    env = dict(os.environ, TSDK_STAGE_LAUNCH=launch)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    log = work / "logs" / "s0_n6_scratch_finetune.log"
+    try:
+        deadline = time.time() + 300
+        while not _writers_of(log):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its stage started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        deadline = time.time() + 20
+        while _writers_of(log) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _writers_of(log), f"the stage outlived its driver ({launch})"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the forkserver may outlive the driver a moment
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    marker = json.loads((work / "logs" / "s0_n6_scratch_finetune.stage.json").read_text())
+    assert marker["state"] == "running"  # the next run resumes it
 
 
 _DRIVER = """

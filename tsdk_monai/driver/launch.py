@@ -15,8 +15,10 @@ typed error instead of reading the log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -115,27 +117,50 @@ def _context():
     return ctx
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a stage runs, SIGTERM to the driver (``kill``, ``pkill -f bench/...``) raises SystemExit(143) like Ctrl-C
+    raises KeyboardInterrupt, so :func:`launch` takes the stage down before the driver goes; by default SIGTERM ends
+    the driver at once and the stage's process trained on alone. Only the main thread may set a handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def launch(cmd: Sequence[str], log: Path, error_file: Path, mode: str) -> int:
     """Run ``cmd`` (``[python, "-m", module, args...]``) as a stage: its output appended to ``log``; returns its exit
-    status (negative: killed by that signal). A bad-input error lands in ``error_file`` (:func:`read_error`)."""
+    status (negative: killed by that signal). A bad-input error lands in ``error_file`` (:func:`read_error`). A
+    SIGTERM or Ctrl-C to the driver ends the stage too (its marker stays ``running``: the next run resumes it)."""
     argv = list(cmd[2:])
     if mode == "fork":
         proc = _context().Process(target=child_main, args=(argv, str(log), str(error_file), True), name=log.stem)
-        proc.start()
-        try:
-            proc.join()
-        finally:
-            if proc.is_alive():  # the driver is being interrupted: take the stage down with it
-                proc.terminate()
-                proc.join(10)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+        with _sigterm_unwinds():
+            proc.start()
+            try:
+                proc.join()
+            finally:
+                if proc.is_alive():  # the driver is being interrupted: take the stage down with it
+                    proc.terminate()
+                    proc.join(10)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join()
         return int(proc.exitcode)
     import subprocess
 
     child = [cmd[0], "-m", __name__, str(error_file), "--", *argv]
-    with log.open("a") as f:
+    with log.open("a") as f, _sigterm_unwinds():  # subprocess.run kills the child when interrupted
         return subprocess.run(child, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, **_ENV)).returncode
 
 
