@@ -7,6 +7,8 @@ import functools
 import hashlib
 import http.server
 import json
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -78,8 +80,12 @@ def test_exported_bundle_is_self_contained(exported_bundle, tmp_path):
     for part in ("## Intended use", "## Data", "## Results", "## Limitations", "## How to run", "## Licence",
                  f"{measured['test_mean_dice']:.3f}", "synthetic demo phantoms"):
         assert part in card, part
-    with zipfile.ZipFile(b.parent / "tsdk_scratch_unet_small_v1.0.0.zip") as z:
+    archive = b.parent / "tsdk_scratch_unet_small_v1.0.0.zip"
+    with zipfile.ZipFile(archive) as z:
         names = z.namelist()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600: others may read it
     assert "tsdk_scratch_unet_small/configs/metadata.json" in names and "tsdk_scratch_unet_small/models/model.pt" in names
     # the zoo's TorchScript export of the exported bundle itself
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "m.ts"),

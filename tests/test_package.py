@@ -146,3 +146,27 @@ def test_every_bundle_flips_left_right(tmp_path):
             found.append((cfg.parent.parent.name, flip.get("spatial_axis")))
     assert {b for b, _ in found} >= {"tsdk_teacher", "tsdk_student", "tsdk_distill", "tsdk_ssl", "tsdk_synthesis"}
     assert all(axis == 0 for _, axis in found), found
+
+
+def test_files_written_through_a_rename_get_the_umask_mode(tmp_path):
+    """Reports, markers, checkpoints and exported zips are written to a temporary file and renamed: they get the mode a
+    plain ``open()`` would (0644 under umask 022), not ``mkstemp``'s 0600, which hid them from a shared machine's
+    other users (a clinic's MONAI Label server reading an exported bundle, say)."""
+    import os
+    import stat
+
+    import torch
+
+    from tsdk_monai.handlers.checkpoint import AtomicDiskSaver
+    from tsdk_monai.utils import atomic_copy, atomic_write_json
+
+    before = os.umask(0o027)
+    try:
+        written = [atomic_write_json(tmp_path / "a.json", {"x": 1}), atomic_copy(tmp_path / "a.json", tmp_path / "b.json")]
+        AtomicDiskSaver(tmp_path)({"w": torch.zeros(1)}, "c.pt")
+        written.append(tmp_path / "c.pt")
+    finally:
+        os.umask(before)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
+        "a.json": "0o640", "b.json": "0o640", "c.pt": "0o640"}
+    assert not list(tmp_path.glob(".*"))  # no temporary left

@@ -32,12 +32,13 @@ def export_onnx(network: torch.nn.Module, path: str | os.PathLike, image_size: i
     """Export ``network`` ((B, in_channels, S, S) -> logits) to ONNX with a dynamic batch axis; input ``image``,
     output ``pred``. Needs the ``onnx`` and ``onnxscript`` packages (``pip install tsdk-monai[export]``).
     The file is written to a temporary name first and renamed, so a failed export leaves nothing behind."""
+    from tsdk_monai.utils import temp_beside
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = network.training
     network.eval()
     dummy = torch.rand(2, in_channels, image_size, image_size)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
+    fd, tmp = temp_beside(path, suffix=".onnx")
     os.close(fd)
     try:
         with torch.no_grad():

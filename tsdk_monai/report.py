@@ -227,12 +227,13 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
     if history:
         plot_teacher(history, layout.plots / "teacher_val_dice.png")
         md += ["## Teacher training", "",
-               "Validation Dice of the teacher after each epoch (the saved teacher is the best epoch's):", "",
-               "| labels | seed | epochs | first | best (epoch) | last |", "|---|---|---|---|---|---|"]
+               "Validation Dice of the teacher after each validated epoch (the saved teacher is the best one's):", "",
+               "| labels | seed | epochs | validations | first (epoch) | best (epoch) | last |",
+               "|---|---|---|---|---|---|---|"]
         for (seed, n), ep in sorted(history.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             best = max(ep, key=lambda e: e["value"])
-            md.append(f"| {n} | {seed} | {len(ep)} | {ep[0]['value']:.3f} | {best['value']:.3f} ({best['epoch']}) | "
-                      f"{ep[-1]['value']:.3f} |")
+            md.append(f"| {n} | {seed} | {ep[-1]['epoch']} | {len(ep)} | {ep[0]['value']:.3f} ({ep[0]['epoch']}) | "
+                      f"{best['value']:.3f} ({best['epoch']}) | {ep[-1]['value']:.3f} |")
         md += ["", "![teacher validation Dice](plots/teacher_val_dice.png)", ""]
     if overlay is not None:
         key = overlay[1]

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = [
     "TSDKInputError", "input_error_of", "report_uncaught", "install_excepthook", "load_error", "atomic_write_bytes", "atomic_write_json",
-    "atomic_copy", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
+    "atomic_copy", "temp_beside", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
     "distributed_device", "rank_of", "file_sha256",
 ]
 
@@ -101,9 +101,18 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def _atomic_target(path: Path):
+def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+    """An open temporary file (descriptor, path) in ``path``'s folder, to be renamed over ``path`` when complete.
+
+    Its mode is what ``open()`` would give a new file under the process's umask (usually 0644), not ``mkstemp``'s
+    0600: renamed into place, a report or an exported bundle stays readable by the other users of a shared machine.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     return fd, Path(tmp)
 
 
@@ -113,7 +122,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     A crash leaves either the old file or the new one, never a half-written one.
     """
     path = Path(path)
-    fd, tmp = _atomic_target(path)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -150,7 +159,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy ``src`` to ``dst`` through a temporary file and a rename."""
     dst = Path(dst)
-    fd, tmp = _atomic_target(dst)
+    fd, tmp = temp_beside(dst)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)

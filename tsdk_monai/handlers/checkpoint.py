@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from tsdk_monai.utils import TSDKInputError, check_state_dict, read_checkpoint
+from tsdk_monai.utils import TSDKInputError, check_state_dict, read_checkpoint, temp_beside
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "CheckedCheckpointLoader"]
 
@@ -56,7 +54,7 @@ class AtomicDiskSaver(DiskSaver):
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 func(checkpoint, f, **self.kwargs)
@@ -66,7 +64,6 @@ class AtomicDiskSaver(DiskSaver):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
 
 
 def _stale_temporaries(folder: Path) -> list[Path]:
