@@ -122,8 +122,6 @@ def _sigterm_unwinds():
     """While a stage runs, SIGTERM to the driver (``kill``, ``pkill -f bench/...``) raises SystemExit(143) like Ctrl-C
     raises KeyboardInterrupt, so :func:`launch` takes the stage down before the driver goes; by default SIGTERM ends
     the driver at once and the stage's process trained on alone. Only the main thread may set a handler."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
