@@ -66,6 +66,17 @@ def test_distillation_trainer_bf16_autocast_on_cpu():
     assert off == [torch.float32] * 4
 
 
+class _Denoiser(torch.nn.Module):
+    """The call signature of a diffusers ``UNet2DModel`` (``net(noisy, t, return_dict=False)[0]``) on one conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
+        return (self.conv(x),)
+
+
 @pytest.mark.parametrize("bundle", ["tsdk_teacher", "tsdk_synthesis", "tsdk_distill", "tsdk_student"])
 def test_bundle_amp_and_channels_last_switches(bundle):
     """``amp``/``amp_dtype`` reach the trainer (and the evaluator); ``channels_last`` the network, in both the
@@ -92,6 +103,13 @@ def test_bundle_amp_and_channels_last_switches(bundle):
         for key in ("train#inferer", "validate#inferer"):
             out = parser.get_parsed_content(key)(torch.rand(1, 1, 64, 48), net)
             assert seen.pop() == torch.float16 and out.dtype == torch.float32, key  # float32 for loss and metrics
+    if bundle == "tsdk_synthesis":  # the diffusion trainer's inferer autocasts too (it did nothing on the CPU before)
+        net = _Denoiser()
+        seen = []
+        net.conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        x = torch.rand(2, 1, 64, 48)
+        out = parser.get_parsed_content("train#inferer")(x, net, noise=torch.randn_like(x), timesteps=torch.tensor([3, 900]))
+        assert seen == [torch.float16] and out.dtype == torch.float32
     assert parser.get_parsed_content("memory_format") == torch.channels_last
     assert "@memory_format" in parser["network#module"]  # the DDP-wrapped network gets the same layout
     if bundle in ("tsdk_student", "tsdk_synthesis"):  # cheap networks: build one and look at its conv weights
