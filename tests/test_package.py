@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "tsdk_monai"
 MAX_LINES = 350
 
@@ -146,6 +148,26 @@ def test_every_bundle_flips_left_right(tmp_path):
             found.append((cfg.parent.parent.name, flip.get("spatial_axis")))
     assert {b for b, _ in found} >= {"tsdk_teacher", "tsdk_student", "tsdk_distill", "tsdk_ssl", "tsdk_synthesis"}
     assert all(axis == 0 for _, axis in found), found
+
+
+def test_replacing_renames_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    """``utils.replacing``, the one write-then-rename of the package (atomic writers, checkpoint saver, ONNX export):
+    the new bytes appear under the name only when the block completes; a failing block leaves the old file as it was
+    and no temporary behind."""
+    from tsdk_monai.utils import replacing
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="export failed"):
+        with replacing(target, suffix=".onnx") as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".model.onnx.") and tmp.suffix == ".onnx"
+            tmp.write_bytes(b"half")
+            raise RuntimeError("export failed")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with replacing(target, suffix=".onnx") as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # not before the block ends
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_files_written_through_a_rename_get_the_umask_mode(tmp_path):

@@ -32,24 +32,18 @@ def export_onnx(network: torch.nn.Module, path: str | os.PathLike, image_size: i
     """Export ``network`` ((B, in_channels, S, S) -> logits) to ONNX with a dynamic batch axis; input ``image``,
     output ``pred``. Needs the ``onnx`` and ``onnxscript`` packages (``pip install tsdk-monai[export]``).
     The file is written to a temporary name first and renamed, so a failed export leaves nothing behind."""
-    from tsdk_monai.utils import temp_beside
+    from tsdk_monai.utils import replacing
 
     path = Path(path)
     was_training = network.training
     network.eval()
     dummy = torch.rand(2, in_channels, image_size, image_size)
-    fd, tmp = temp_beside(path, suffix=".onnx")
-    os.close(fd)
     try:
-        with torch.no_grad():
+        with replacing(path, suffix=".onnx") as tmp, torch.no_grad():
             torch.onnx.export(
                 network, (dummy,), tmp, input_names=["image"], output_names=["pred"], opset_version=opset_version,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, dynamo=True, external_data=False,
             )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         network.train(was_training)
     return path
@@ -201,7 +195,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, method: st
     from tsdk_monai.driver.stages import BUNDLES_DIR
     from tsdk_monai.networks import build_student
     from tsdk_monai.utils import (
-        atomic_write_bytes, file_sha256, load_state_dict_strict, read_state_dict, save_state_dict,
+        atomic_copy, file_sha256, load_state_dict_strict, read_state_dict, save_state_dict,
     )
 
     rec = _run_record(Path(workdir), method, n_labeled, seed)
@@ -237,7 +231,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, method: st
         if final.exists():
             shutil.rmtree(final)
         os.replace(bundle, final)
-        atomic_write_bytes(out / Path(archive).name, Path(archive).read_bytes())
+        atomic_copy(archive, out / Path(archive).name)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return final

@@ -3,17 +3,18 @@ the one safe weight reader, saver and strict loader, and the data-parallel plumb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "TSDKInputError", "input_error_of", "report_uncaught", "install_excepthook", "load_error", "atomic_write_bytes", "atomic_write_json",
-    "atomic_copy", "temp_beside", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
+    "atomic_copy", "temp_beside", "replacing", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
     "distributed_device", "rank_of", "file_sha256",
 ]
 
@@ -116,23 +117,37 @@ def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Pat
     return fd, Path(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Write a file through a temporary name: yields an empty temporary file beside ``path`` (see
+    :func:`temp_beside`); when the block ends, the file is flushed to disk and renamed over ``path``; when the block
+    raises (or the rename fails), it is removed. A crash leaves either the old ``path`` or the new one, never a
+    half-written one.
 
-    A crash leaves either the old file or the new one, never a half-written one.
+        with replacing(out / "model.onnx", suffix=".onnx") as tmp:
+            torch.onnx.export(net, args, tmp)
     """
     path = Path(path)
-    fd, tmp = temp_beside(path)
+    fd, tmp = temp_beside(path, suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file, flushed to disk and renamed (:func:`replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def dumps_json(obj: Any) -> str:
@@ -157,18 +172,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename."""
-    dst = Path(dst)
-    fd, tmp = temp_beside(dst)
-    os.close(fd)
-    try:
+    """Copy ``src`` to ``dst`` through a temporary file, flushed to disk and renamed (:func:`replacing`)."""
+    with replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dst
-
+    return Path(dst)
 
 
 def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from tsdk_monai.utils import TSDKInputError, check_state_dict, read_checkpoint, temp_beside
+from tsdk_monai.utils import TSDKInputError, check_state_dict, read_checkpoint, replacing
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "CheckedCheckpointLoader"]
 
@@ -53,17 +53,8 @@ class AtomicDiskSaver(DiskSaver):
         self._pending_removal.append(self.filename or filename)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        path = Path(path)
-        fd, tmp = temp_beside(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            func(checkpoint, f, **self.kwargs)
 
 
 def _stale_temporaries(folder: Path) -> list[Path]:
