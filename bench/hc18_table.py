@@ -10,26 +10,26 @@ Every number comes from the stage bundles, composed by the driver (``tsdk_monai.
 3. ``tsdk report``: ``WORK/report.md`` (method x labels: test Dice and HD95, parameters, CPU ms/image, stage minutes)
    and ``WORK/plots/dice_vs_labels.png``, ``WORK/plots/overlays.png``.
 
-    python bench/hc18_table.py                    # default: CPU schedule, ~54 min on 2 cores (< 2 h)
+    python bench/hc18_table.py                    # default: CPU schedule, ~62 min on 2 cores (< 2 h)
     python bench/hc18_table.py --full             # paper-scale schedule for a GPU machine (n 20,40,80 x seeds 0,1,2)
     python bench/hc18_table.py --smoke --limit 60 --work /tmp/hc18_smoke   # minutes: the bench end to end, tiny
 
 A re-run skips finished stages and resumes an interrupted one (kill it any time). The default schedule (``CPU``,
 ``tsdk run --preset cpu``) at 128 px, for HC18's ~800-image pool (80 labelled + 721 unlabelled), ~100 validation and
-198 test images, measured on 2 cores (2026-12-07, bfloat16 teacher, distillation and students; 54.0 stage minutes for
-all 44 stages):
+198 test images, measured on 2 cores (2026-12-07, bfloat16 teacher with LoRA of rank 16 on every encoder linear layer,
+distillation and students; 61.5 stage minutes for all 44 stages):
 
     stage (count)                                   minutes each   total
-    teacher LoRA (480 iterations of 4, val x8)       ~8.7-9.8      18.5   (x2: n = 20, 80)
+    teacher LoRA (480 iterations of 4, val x8)       ~12.0-12.6    24.6   (x2: n = 20, 80)
     teacher test evaluation (198 images)             ~0.6           1.2
     synthesis train (64 px, 8 epochs, 352 it.)       ~4.6           4.6
       + sample (128 DDIM-20, FID on 48 real)         ~1.3           1.3
     task-agnostic KD distill (frozen VFM targets     ~2.6           2.6
       on ~800 images, 4 student epochs)
     MAE / MoCo v3 pre-training (1 epoch each)        ~0.5           1.0
-    TS-KD distill without synthesis (teacher         ~3.3           6.6
+    TS-KD distill without synthesis (teacher         ~3.4-3.5       6.9
       targets on ~800 images, 4 epochs)
-    TS-KD distill (+128 synthetic images, 4 ep.)     ~2.1           4.2
+    TS-KD distill (+128 synthetic images, 4 ep.)     ~2.2-2.3       4.5
     student fine-tune (80 iterations of 8)           ~0.9          10.8   (x12: 6 students x 2 n)
     student test evaluation (198 images, HD95)       ~0.3           3.2
     overlays, report                                                ~0.5

@@ -11,13 +11,14 @@ Same code path and schedules as ``bench/hc18_table.py`` (``tsdk run --preset cpu
     python bench/psfhs_table.py --seeds 0,1,2     # three seeds: mean ± std and TS-KD's paired bootstrap intervals
     python bench/psfhs_table.py --data DIR        # a copy elsewhere (images/ and labels/)
 
-Measured (2026-12-07, today's CPU schedule: the teacher 480 iterations with a cosine decay, bfloat16, 4 distillation
-epochs, TS-KD fine-tuned at 3e-4; seed 0; 71.4 min on 2 cores), test Dice 20 / 80 labels: teacher 0.780 / 0.830,
-scratch 0.747 / 0.762, task-agnostic KD 0.734 / 0.766, MAE 0.691 / 0.750, MoCo v3 0.729 / 0.764, TS-KD without
-synthesis 0.833 / 0.853, TS-KD 0.825 / 0.858 (the README's PSFHS table has the intervals). Earlier schedules, same
-order: 2026-12-06 (the teacher 160 iterations at a constant 1e-3) 0.745 / 0.791, 0.747 / 0.762, 0.734 / 0.766,
-0.691 / 0.750, 0.729 / 0.764, 0.799 / 0.834, 0.809 / 0.843; 2026-12-04 (float32, 2 distillation epochs) teacher
-0.757 / 0.800, scratch 0.726 / 0.777, TS-KD 0.800 / 0.821.
+Measured (2026-12-07, today's CPU schedule: the teacher's LoRA of rank 16 on every encoder linear layer, 480
+iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4; seed 0; 74.1 stage minutes
+on 2 cores), test Dice 20 / 80 labels: teacher 0.817 / 0.870, scratch 0.747 / 0.762, task-agnostic KD 0.734 / 0.766,
+MAE 0.691 / 0.750, MoCo v3 0.729 / 0.764, TS-KD without synthesis 0.842 / 0.876, TS-KD 0.847 / 0.874 (the README's
+PSFHS table has the intervals and 3 fine-tune seeds). Earlier schedules, same order: 2026-12-07 morning (LoRA of rank
+4 on qkv) 0.780 / 0.830, baselines the same, 0.833 / 0.853, 0.825 / 0.858; 2026-12-06 (the teacher 160 iterations at
+a constant 1e-3) 0.745 / 0.791, 0.747 / 0.762, 0.734 / 0.766, 0.691 / 0.750, 0.729 / 0.764, 0.799 / 0.834, 0.809 /
+0.843; 2026-12-04 (float32, 2 distillation epochs) teacher 0.757 / 0.800, scratch 0.726 / 0.777, TS-KD 0.800 / 0.821.
 """
 
 from __future__ import annotations

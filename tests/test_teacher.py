@@ -118,6 +118,30 @@ def test_adapter_round_trip_and_merged(trained):
     build_teacher(out, merged=True).load_state_dict(state, strict=True)
 
 
+def test_cpu_preset_lora_adapts_every_linear_layer_and_round_trips(tmp_path):
+    """``--preset cpu``'s teacher LoRA (rank 16 on qkv, proj, fc1, fc2) reaches every linear layer of LiteMedSAM's
+    encoder, and its saved adapter and merged weights give the trained network's logits back."""
+    from peft.tuners.lora import LoraLayer
+
+    from tsdk_monai.driver import PRESETS
+
+    knobs = PRESETS["cpu"]["extra"]["tsdk_teacher"]
+    torch.manual_seed(0)
+    net = LoRASegTeacher(num_classes=3, img_size=SIZE, lora_rank=knobs["lora_rank"],
+                         target_modules=knobs["lora_target_modules"])
+    adapted = [m for m in net.encoder.modules() if isinstance(m, LoraLayer)]
+    linear = [m for m in net.encoder.modules() if type(m) is torch.nn.Linear]  # base layers and adapters' A / B
+    assert len(adapted) == 40 and len(linear) == 3 * len(adapted)  # TinyViT: 10 blocks x (qkv, proj, fc1, fc2)
+    assert all(m.r["default"] == 16 for m in adapted)
+    _train_steps(net, steps=2)
+    save_teacher(net, tmp_path / "t")
+    x = torch.rand(1, 1, SIZE, SIZE)
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(load_teacher(tmp_path / "t", merged=False)(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(load_teacher(tmp_path / "t", merged=True)(x), ref, rtol=0, atol=1e-4)
+
+
 def test_bad_teacher_files(tmp_path, trained):
     _, _, out = trained
     with pytest.raises(TSDKInputError, match="teacher.json: teacher config not found"):
