@@ -6,15 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = [
     "TSDKInputError", "input_error_of", "report_uncaught", "install_excepthook", "load_error", "atomic_write_bytes", "atomic_write_json",
-    "atomic_copy", "temp_beside", "replacing", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
+    "atomic_copy", "replacing", "dumps_json", "read_json", "read_checkpoint", "read_state_dict", "save_state_dict", "check_state_dict", "load_state_dict_strict", "unwrap",
     "distributed_device", "rank_of", "file_sha256",
 ]
 
@@ -102,34 +102,23 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
-    """An open temporary file (descriptor, path) in ``path``'s folder, to be renamed over ``path`` when complete.
-
-    Its mode is what ``open()`` would give a new file under the process's umask (usually 0644), not ``mkstemp``'s
-    0600: renamed into place, a report or an exported bundle stays readable by the other users of a shared machine.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    return fd, Path(tmp)
-
-
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Write a file through a temporary name: yields an empty temporary file beside ``path`` (see
-    :func:`temp_beside`); when the block ends, the file is flushed to disk and renamed over ``path``; when the block
-    raises (or the rename fails), it is removed. A crash leaves either the old ``path`` or the new one, never a
-    half-written one.
+    """Write a file through a temporary name: yields an empty temporary file ``.NAME.XXXXXXXX<suffix>`` beside
+    ``path``; when the block ends, the file is flushed to disk and renamed over ``path``; when the block raises (or
+    the rename fails), it is removed. A crash leaves either the old ``path`` or the new one, never a half-written one.
+
+    The temporary file is created with mode 0666 for the kernel to apply the process's umask (usually 0644), as
+    ``open()`` would, not ``mkstemp``'s 0600: renamed into place, a report or an exported bundle stays readable by the
+    other users of a shared machine.
 
         with replacing(out / "model.onnx", suffix=".onnx") as tmp:
             torch.onnx.export(net, args, tmp)
     """
     path = Path(path)
-    fd, tmp = temp_beside(path, suffix)
-    os.close(fd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
