@@ -10,14 +10,15 @@ Every number comes from the stage bundles, composed by the driver (``tsdk_monai.
 3. ``tsdk report``: ``WORK/report.md`` (method x labels: test Dice and HD95, parameters, CPU ms/image, stage minutes)
    and ``WORK/plots/dice_vs_labels.png``, ``WORK/plots/overlays.png``.
 
-    python bench/hc18_table.py                    # default: CPU schedule, ~62 min on 2 cores (< 2 h)
+    python bench/hc18_table.py                    # default: CPU schedule, ~104 min on 2 cores (< 2 h)
     python bench/hc18_table.py --full             # paper-scale schedule for a GPU machine (n 20,40,80 x seeds 0,1,2)
     python bench/hc18_table.py --smoke --limit 60 --work /tmp/hc18_smoke   # minutes: the bench end to end, tiny
 
 A re-run skips finished stages and resumes an interrupted one (kill it any time). The default schedule (``CPU``,
 ``tsdk run --preset cpu``) at 128 px, for HC18's ~800-image pool (80 labelled + 721 unlabelled), ~100 validation and
 198 test images, measured on 2 cores (2026-12-07, bfloat16 teacher with LoRA of rank 16 on every encoder linear layer,
-distillation and students; 61.5 stage minutes for all 44 stages):
+distillation and students; 61.5 stage minutes for the 44 stages with one fine-tuning of each student, 104.2 with the
+preset's 3: 24 more fine-tunings and evaluations, ~1.8 minutes each):
 
     stage (count)                                   minutes each   total
     teacher LoRA (480 iterations of 4, val x8)       ~12.0-12.6    24.6   (x2: n = 20, 80)
@@ -32,6 +33,7 @@ distillation and students; 61.5 stage minutes for all 44 stages):
     TS-KD distill (+128 synthetic images, 4 ep.)     ~2.2-2.3       4.5
     student fine-tune (80 iterations of 8)           ~0.9          10.8   (x12: 6 students x 2 n)
     student test evaluation (198 images, HD95)       ~0.3           3.2
+    2 more fine-tunings + evaluations of each        ~1.8          42.7   (x24; finetune_seeds 3)
     overlays, report                                                ~0.5
 
 (Equal iterations for every n: the teacher's and students' epochs are given for 80 labels and scaled by 80/n.) Under

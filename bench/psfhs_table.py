@@ -12,10 +12,12 @@ Same code path and schedules as ``bench/hc18_table.py`` (``tsdk run --preset cpu
     python bench/psfhs_table.py --data DIR        # a copy elsewhere (images/ and labels/)
 
 Measured (2026-12-07, today's CPU schedule: the teacher's LoRA of rank 16 on every encoder linear layer, 480
-iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4; seed 0; 74.1 stage minutes
-on 2 cores), test Dice 20 / 80 labels: teacher 0.817 / 0.870, scratch 0.747 / 0.762, task-agnostic KD 0.734 / 0.766,
-MAE 0.691 / 0.750, MoCo v3 0.729 / 0.764, TS-KD without synthesis 0.842 / 0.876, TS-KD 0.847 / 0.874 (the README's
-PSFHS table has the intervals and 3 fine-tune seeds). Earlier schedules, same order: 2026-12-07 morning (LoRA of rank
+iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4, every student fine-tuned
+with 3 seeds; seed 0; ~118 stage minutes on 2 cores), test Dice 20 / 80 labels, mean of the 3 fine-tunings: teacher
+0.817 / 0.870, scratch 0.738 / 0.757, task-agnostic KD 0.730 / 0.751, MAE 0.705 / 0.757, MoCo v3 0.728 / 0.755, TS-KD
+without synthesis 0.843 / 0.879, TS-KD 0.848 / 0.872 (the README's PSFHS table has the std, HD95 and intervals).
+With one fine-tuning (74.1 stage minutes): 0.817 / 0.870, 0.747 / 0.762, 0.734 / 0.766, 0.691 / 0.750, 0.729 /
+0.764, 0.842 / 0.876, 0.847 / 0.874. Earlier schedules, same order: 2026-12-07 morning (LoRA of rank
 4 on qkv) 0.780 / 0.830, baselines the same, 0.833 / 0.853, 0.825 / 0.858; 2026-12-06 (the teacher 160 iterations at
 a constant 1e-3) 0.745 / 0.791, 0.747 / 0.762, 0.734 / 0.766, 0.691 / 0.750, 0.729 / 0.764, 0.799 / 0.834, 0.809 /
 0.843; 2026-12-04 (float32, 2 distillation epochs) teacher 0.757 / 0.800, scratch 0.726 / 0.777, TS-KD 0.800 / 0.821.

@@ -18,7 +18,8 @@ import pytest
 
 from tsdk_monai.data import load_datalist, subset_datalist
 from helpers import BUNDLES
-from tsdk_monai.driver import METHODS, RunDirs, Schedule, StageRunner, bundle_arg, method_stages, plan_runs, run_methods
+from tsdk_monai.driver import (METHODS, RunDirs, Schedule, StageRunner, bundle_arg, finetune_seed, method_stages, plan_runs,
+                               run_methods)
 from tsdk_monai.utils import TSDKInputError
 
 # the tiniest schedule that still runs every stage of every method on the 64x64 demo data
@@ -78,6 +79,38 @@ def test_method_extra_reaches_only_that_methods_stages(tmp_path):
     assert "learning_rate" not in by["teacher"] and by["synthesis_train"]["epochs"] == s.synth_epochs  # shared stages
     with pytest.raises(TSDKInputError, match="method_extra: not a method: tskd2"):
         Schedule(method_extra={"tskd2": {"tsdk_student": {"learning_rate": 3e-4}}})
+
+
+def test_finetune_seeds_fine_tune_every_student_again_from_the_same_start(tmp_path):
+    """``finetune_seeds``: each student's fine-tuning and evaluation again with seeds s + 1000 k, from the same
+    distilled / pre-trained start, into their own folders; the first fine-tuning's stages stay as they were, so a
+    finished table gains fine-tuning seeds without rerunning anything."""
+    d, dirs = tmp_path / "data" / "datalist.json", RunDirs(tmp_path / "seed2" / "n20", tmp_path / "seed2" / "shared")
+    one = method_stages(d, dirs, Schedule(), seed=2, prefix="s2_n20_")
+    three = method_stages(d, dirs, Schedule(finetune_seeds=3), seed=2, prefix="s2_n20_")
+    assert [st.command() for st in three["teacher"]] == [st.command() for st in one["teacher"]]
+    for m in METHODS[1:]:
+        base = [st.name for st in one[m]]
+        assert [st.name for st in three[m]] == base + [f"s2_n20_{m}_{x}{k}" for k in (1, 2)
+                                                     for x in ("finetune", "evaluate")]
+        assert [st.command() for st in three[m][:len(base)]] == [st.command() for st in one[m]]
+        by = {st.name: st for st in three[m]}
+        first = by[f"s2_n20_{m}_finetune"].overrides
+        for k in (1, 2):
+            ft, ev = by[f"s2_n20_{m}_finetune{k}"], by[f"s2_n20_{m}_evaluate{k}"]
+            assert ft.overrides["seed"] == ev.overrides["seed"] == 2 + 1000 * k == finetune_seed(2, k)
+            assert {x: ft.overrides[x] for x in ("init_ckpt", "datalist", "epochs", "learning_rate")
+                    if x in first} == {x: first[x] for x in ("init_ckpt", "datalist", "epochs", "learning_rate")
+                                       if x in first}
+            own = dirs.method(m) / f"finetune{k}"
+            assert ft.overrides["ckpt_dir"] == ev.overrides["ckpt_dir"] == str(own / "models")
+            assert ev.overrides["output_dir"] == str(own / "eval") and ev.outputs == [own / "eval" / "metrics.json"]
+            assert ft.outputs == [own / "models" / "model.pt"] and Path(ev.inputs[1]) == own / "models" / "model.pt"
+    with pytest.raises(ValueError, match="teacher: no fine-tuning seed 1"):
+        dirs.metrics("teacher", 1)
+    for bad in (0, True, 1.5):
+        with pytest.raises(TSDKInputError, match="finetune_seeds must be a whole number >= 1"):
+            Schedule(finetune_seeds=bad)
 
 
 @pytest.mark.parametrize("epochs,scale,every", [(8, 1, None), (8, 4, 4), (24, 1, 3), (24, 4, 12), (50, 1, 5), (7, 1, None)])
@@ -242,6 +275,26 @@ def test_changed_schedule_reruns_that_stage(full_run, demo_datalist, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_finetune_seeds_add_their_stages_and_rerun_nothing(full_run, demo_datalist):
+    """Fine-tuning seeds added to a finished run: only their stages run (seed 1000 from the same start); the report
+    has the row over both fine-tunings."""
+    work = full_run["work"]
+    longer = dataclasses.replace(TINY, student_epochs=2)  # the previous test's schedule: its stages are done
+    with StageRunner(work) as runner:
+        run_methods(demo_datalist, work, ["scratch"], longer, n_labeled=3, seeds=0, report=False, runner=runner)
+    with StageRunner(work) as runner:
+        table = run_methods(demo_datalist, work, ["scratch"], dataclasses.replace(longer, finetune_seeds=2),
+                            n_labeled=3, seeds=0, runner=runner)
+    assert runner.ran == ["s0_n3_scratch_finetune1", "s0_n3_scratch_evaluate1"], runner.ran
+    first = (work / "logs" / "s0_n3_scratch_finetune1.log").read_text().splitlines()[0]
+    assert "--seed 1000 " in first and str(work / "seed0" / "n3" / "scratch" / "finetune1" / "models") in first
+    metrics = json.loads((work / "seed0" / "n3" / "scratch" / "finetune1" / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["mean"]["test_mean_dice"] <= 1
+    assert re.search(r"\| student from scratch \| 3 \| 1/1 × 2 \| 0\.\d{3} ± 0\.\d{3} \|", table), table
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_and_finishes(demo_datalist, tmp_path):
     """SIGKILL the driver (process group) mid-way through a training stage; the rerun resumes that stage."""
     work = tmp_path / "w"
@@ -377,4 +430,9 @@ def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--datalist", str(demo_datalist), "--workdir", str(tmp_path / "x"), "--preset", "gpu"])
     assert exc.value.code == 2 and "--preset 'gpu': not a preset; choose one of cpu, full, smoke" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert schedule_of("cpu").finetune_seeds == 3 and schedule_of("cpu", finetune_seeds=1).finetune_seeds == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--datalist", str(demo_datalist), "--workdir", str(tmp_path / "x"), "--finetune_seeds", "0"])
+    assert exc.value.code == 2 and "finetune_seeds must be a whole number >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

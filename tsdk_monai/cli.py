@@ -8,6 +8,7 @@
         run the teacher, synthesis, distillation and student bundles on the demo data; print the comparison table
 
     tsdk run --datalist D/datalist.json --workdir W [--n_labeled 20,40,80] [--seeds 0,1,2] [--methods ...]
+             [--preset cpu|full|smoke] [--finetune_seeds 3]
         run the stage bundles of each method (teacher, scratch, task_agnostic_kd, mae, mocov3, tskd_no_synth, tskd)
         for each number of labels and seed; skip finished stages; write W/report.md and print the table
     tsdk report W
@@ -61,6 +62,7 @@ def run(
     student_epochs: int | None = None,
     batch_size: int | None = None,
     keep_aspect: bool | None = None,
+    finetune_seeds: int | None = None,
 ) -> None:
     """Run the stage bundles of each method for each number of labels and seed; write and print the report.
 
@@ -91,6 +93,10 @@ def run(
         batch_size: student batch size.
         keep_aspect: letterbox every image to the square sizes above (longer side resized, shorter side padded)
             instead of squashing it: for non-square images whose shapes matter; the exported student keeps it.
+        finetune_seeds: fine-tune (and evaluate) every student this many times per seed from the same distilled or
+            pre-trained start, with fine-tuning seeds s, s + 1000, s + 2000, ...: the report's mean ± std and TS-KD's
+            intervals then average the fine-tuning's noise (the cpu preset: 3); cheaper than more --seeds, which
+            rerun the teacher and every label-free stage too.
     """
     from tsdk_monai.driver import run_methods, schedule_of
 
@@ -98,7 +104,8 @@ def run(
                         teacher_epochs=teacher_epochs, teacher_batch=teacher_batch, synth_size=synth_size,
                         synth_epochs=synth_epochs, synth_images=synth_images, synth_steps=synth_steps,
                         fid_real_images=fid_real_images, distill_epochs=distill_epochs, ssl_epochs=ssl_epochs,
-                        student_epochs=student_epochs, batch_size=batch_size, keep_aspect=keep_aspect)
+                        student_epochs=student_epochs, batch_size=batch_size, keep_aspect=keep_aspect,
+                        finetune_seeds=finetune_seeds)
     print(run_methods(Path(datalist), Path(workdir), methods, sizes, n_labeled=n_labeled, seeds=seeds))
     print(f"\nreport: {Path(workdir) / 'report.md'}; plots: {Path(workdir) / 'plots'}")
 

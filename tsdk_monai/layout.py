@@ -10,6 +10,7 @@ that reads it.
     W/seed{s}/shared/...                        stages that use no label (synthesis, task-agnostic KD, MAE, MoCo v3)
     W/seed{s}/n{n}/<method>/...                 the teacher, TS-KD distillation, each student's fine-tune, evaluation
                                                 and overlay predictions (:class:`RunDirs`)
+    W/seed{s}/n{n}/<method>/finetune{k}/...     a student's k-th extra fine-tuning seed (``models/``, ``eval/``)
 
 Stage names: ``s{s}_<stage>`` for shared stages, ``s{s}_n{n}_<stage>`` for the others.
 """
@@ -49,21 +50,30 @@ class RunDirs:
         """The saved teacher (``teacher.json``, adapter, decoder, merged ``model.pt``)."""
         return self.teacher_ckpt / "teacher"
 
-    def models(self, method: str) -> Path:
-        """The ``ckpt_dir`` of a method's training stage (teacher or student fine-tune)."""
-        return self.method(method) / "models"
+    def _finetune(self, method: str, k: int) -> Path:
+        """The folder of a method's ``k``-th fine-tuning seed: the method's own folder for ``k`` 0 (the teacher has no
+        other), ``finetune{k}/`` in it for a student's extra fine-tuning seeds."""
+        if k == 0:
+            return self.method(method)
+        if method == "teacher" or k < 0:
+            raise ValueError(f"{method}: no fine-tuning seed {k}")
+        return self.method(method) / f"finetune{k}"
 
-    def model(self, method: str) -> Path:
+    def models(self, method: str, k: int = 0) -> Path:
+        """The ``ckpt_dir`` of a method's training stage (teacher or student fine-tune; ``k``: its fine-tuning seed)."""
+        return self._finetune(method, k) / "models"
+
+    def model(self, method: str, k: int = 0) -> Path:
         """The trained network of a method: the teacher's merged ``model.pt`` or the student's best ``model.pt``."""
-        return (self.teacher_models if method == "teacher" else self.models(method)) / "model.pt"
+        return (self.teacher_models if method == "teacher" else self.models(method, k)) / "model.pt"
 
-    def evaluation(self, method: str) -> Path:
+    def evaluation(self, method: str, k: int = 0) -> Path:
         """The ``output_dir`` of a method's test evaluation."""
-        return self.method(method) / ("test" if method == "teacher" else "eval")
+        return self._finetune(method, k) / ("test" if method == "teacher" else "eval")
 
-    def metrics(self, method: str) -> Path:
+    def metrics(self, method: str, k: int = 0) -> Path:
         """The test ``metrics.json`` of a method (``tsdk_teacher`` and ``tsdk_student`` evaluate write one layout)."""
-        return self.evaluation(method) / "metrics.json"
+        return self.evaluation(method, k) / "metrics.json"
 
     def overlay(self, method: str) -> Path:
         """The predictions of a method on the overlay figure's test cases."""

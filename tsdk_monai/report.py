@@ -60,9 +60,16 @@ def _case_dice(f: Path) -> dict[str, float]:
     return out
 
 
+def _finetunes(manifest: dict[str, Any], method: str) -> range:
+    """The fine-tuning seeds ``k`` a method's rows have (``Schedule.finetune_seeds`` for a student, one for the
+    teacher)."""
+    return range(1 if method == "teacher" else int(manifest["sizes"].get("finetune_seeds", 1)))
+
+
 def compare_to(workdir: Path, ours: str = "tskd", manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per number of labels, ``ours`` minus every other method: mean per-image test Dice difference and its paired
-    bootstrap 95% interval over the test images (each image's Dice averaged over the seeds both have)."""
+    bootstrap 95% interval over the test images (each image's Dice averaged over the student's fine-tuning seeds, then
+    over the seeds both have)."""
     from tsdk_monai.stats import paired_over_seeds
 
     layout = RunLayout(workdir)
@@ -74,9 +81,13 @@ def compare_to(workdir: Path, ours: str = "tskd", manifest: dict[str, Any] | Non
         out = {}
         for seed in manifest["seeds"]:
             run = manifest["runs"].get(layout.key(seed, n))
-            f = RunDirs.of(run).metrics(method) if run else None
-            if f is not None and f.is_file():
-                out[seed] = _case_dice(f)
+            if run is None:
+                continue
+            dirs = RunDirs.of(run)
+            files = [f for f in (dirs.metrics(method, k) for k in _finetunes(manifest, method)) if f.is_file()]
+            if files:  # each image's Dice averaged over the student's fine-tuning seeds
+                cases = [_case_dice(f) for f in files]
+                out[seed] = {i: float(np.mean([c[i] for c in cases])) for i in set.intersection(*map(set, cases))}
         return out
 
     found = []
@@ -103,7 +114,8 @@ def _stage_seconds(layout: RunLayout, names: Sequence[str]) -> float | None:
 
 
 def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per (method, n_labeled): per-seed Dice/HD95/stage seconds and their mean and std over seeds."""
+    """One row per (method, n_labeled): Dice/HD95 of each run (seed and fine-tuning seed), the row's stage seconds of
+    each seed (every stage its runs of that seed need), and their mean and std."""
     layout = RunLayout(workdir)
     manifest = manifest or _manifest(layout)
     rows = []
@@ -115,10 +127,12 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                 run = manifest["runs"].get(key)
                 if run is None:
                     continue
-                res = _metrics(RunDirs.of(run).metrics(m))
                 secs = _stage_seconds(layout, manifest["stages"].get(m, {}).get(key, []))
-                if res is not None:
-                    per_seed.append({"seed": seed, "dice": res[0], "hd95": res[1], "seconds": secs})
+                for k in _finetunes(manifest, m):
+                    res = _metrics(RunDirs.of(run).metrics(m, k))
+                    if res is not None:
+                        per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1],
+                                         "seconds": secs if k == 0 else None})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})
     return rows
 
@@ -166,7 +180,10 @@ def _table(rows: list[dict[str, Any]], nets: dict[str, dict[str, Any]], n_seeds:
         mins = "n/a" if r["seconds_mean"] is None else f"{r['seconds_mean'] / 60:.1f}"
         label = METHOD_LABELS.get(r["method"], r["method"])
         dice = _fmt(r["dice_mean"], r["dice_std"], 3) if r["runs"] else "not run"
-        lines.append(f"| {label} | {r['n_labeled']} | {len(r['runs'])}/{n_seeds} | {dice} | {hd} | {params} | "
+        per = [sum(x["seed"] == sd for x in r["runs"]) for sd in {x["seed"] for x in r["runs"]}]
+        seeds, fts = len(per), max(per, default=1)
+        seeds_col = f"{seeds}/{n_seeds}" + (f" × {fts}" if fts > 1 else "")
+        lines.append(f"| {label} | {r['n_labeled']} | {seeds_col} | {dice} | {hd} | {params} | "
                      f"{speed} | {mins} |")
     return "\n".join(lines)
 
@@ -188,6 +205,7 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
     plot_dice(rows, manifest, layout.plots / "dice_vs_labels.png", METHOD_LABELS)
     table = _table(rows, nets, len(manifest["seeds"]))
     sizes = manifest["sizes"]
+    ft = int(sizes.get("finetune_seeds", 1))
     ratio = ""
     if "teacher" in nets and "student" in nets:
         ratio = (f"The student runs {nets['teacher']['ms'] / nets['student']['ms']:.1f}x faster than the teacher and has "
@@ -203,7 +221,10 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         f"Data: `{manifest['datalist']}` ({manifest['num_classes']} classes); labelled cases: "
         f"{', '.join(map(str, manifest['n_labeled']))}; seeds: {', '.join(map(str, manifest['seeds']))} (the seed picks "
         "the labelled subset and seeds every stage's training). Test Dice and HD95: mean over the test split of the "
-        "foreground classes, then mean ± std over seeds (no ± with one seed). Geometry: the teacher at "
+        "foreground classes, then mean ± std over seeds (no ± with one seed)"
+        + (f"; a student's row: over its {ft} fine-tunings per seed (seeds column: seeds × fine-tuning seeds; each "
+           "fine-tunes the seed's same distilled / pre-trained start with its own seed, s + 1000 k)" if ft > 1 else "")
+        + ". Geometry: the teacher at "
         f"{sizes['teacher_size']} px, the students at {sizes['student_size']} px, every image "
         f"{'letterboxed (aspect kept, zero padding)' if sizes.get('keep_aspect') else 'squashed'} to that square; "
         "predictions are resized back to each test image's own size before they are scored.",
@@ -214,9 +235,9 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
          f"repeats taken in turns, {nets['threads']['torch_threads']} torch threads, measured by the driver after the "
          f"stages (`networks.json`). {ratio}" if nets else "")+
         "Stage minutes: wall time of every stage the row needs (shared label-free stages and the teacher included), "
-        "mean over seeds: the compute budget of the row. Test HD95: 95th-percentile Hausdorff distance in pixels of "
-        "the original image, mean over the test cases and classes; a class missed in an image that has it, or "
-        "predicted in one that has not, counts as the image diagonal (not left out).",
+        "mean over seeds: the compute budget of the row (every fine-tuning seed included). Test HD95: 95th-percentile "
+        "Hausdorff distance in pixels of the original image, mean over the test cases and classes; a class missed in an "
+        "image that has it, or predicted in one that has not, counts as the image diagonal (not left out).",
         "",
         "## Dice vs number of labels",
         "",
@@ -244,8 +265,9 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
     if comparisons:
         md += ["## TS-KD minus each method", "",
                "Mean over the test images of TS-KD's foreground Dice minus the other method's (each image's Dice "
-               "averaged over the seeds both ran), with a paired bootstrap 95% interval (10000 resamples of the test "
-               "images). An interval above 0: TS-KD is better on these test images beyond image-sampling noise.", "",
+               "averaged over a student's fine-tuning seeds, then over the seeds both ran), with a paired bootstrap 95% "
+               "interval (10000 resamples of the test images). An interval above 0: TS-KD is better on these test "
+               "images beyond image-sampling noise.", "",
                "| labels | minus | mean Δ Dice | 95% interval | images | seeds |", "|---|---|---|---|---|---|",
                *[f"| {c['n_labeled']} | {METHOD_LABELS.get(c['method'], c['method'])} | {c['mean']:+.3f} | "
                  f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['n']} | {c['seeds']} |" for c in comparisons], ""]

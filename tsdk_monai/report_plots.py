@@ -13,7 +13,8 @@ __all__ = ["plot_dice", "plot_overlays", "plot_teacher", "save_fig"]
 
 
 def plot_dice(rows: list[dict[str, Any]], manifest: dict[str, Any], path: Path, labels: dict[str, str]) -> Path:
-    """Test Dice against the number of labels, one line per method (mean over seeds, bars: std)."""
+    """Test Dice against the number of labels, one line per method (mean over seeds and fine-tuning seeds, bars:
+    std)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,9 @@ def plot_dice(rows: list[dict[str, Any]], manifest: dict[str, Any], path: Path, 
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("test Dice (mean over seeds, bars: std)")
     ax.set_xticks(list(manifest["n_labeled"]))
-    ax.set_title(f"Dice vs number of labels ({len(manifest['seeds'])} seed(s))")
+    ft = int(manifest.get("sizes", {}).get("finetune_seeds", 1))
+    ax.set_title(f"Dice vs number of labels ({len(manifest['seeds'])} seed(s)"
+                 + (f" x {ft} fine-tunings of each student)" if ft > 1 else ")"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

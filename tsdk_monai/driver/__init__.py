@@ -13,12 +13,12 @@ command (each stage's command is the first line of its log in ``W/logs``).
 """
 
 from tsdk_monai.layout import RunDirs, RunLayout
-from tsdk_monai.driver.methods import METHODS, Schedule, method_stages, overlay_stages
+from tsdk_monai.driver.methods import METHODS, Schedule, finetune_seed, method_stages, overlay_stages
 from tsdk_monai.driver.presets import PRESETS, schedule_of
 from tsdk_monai.driver.run import RunPlan, measure_networks, plan_runs, run_demo, run_methods
 from tsdk_monai.driver.stages import BUNDLES_DIR, Stage, StageRunner, bundle_arg, code_digest
 
 __all__ = [
-    "RunDirs", "RunLayout", "METHODS", "Schedule", "method_stages", "overlay_stages", "PRESETS", "schedule_of", "RunPlan", "measure_networks",
+    "RunDirs", "RunLayout", "METHODS", "Schedule", "finetune_seed", "method_stages", "overlay_stages", "PRESETS", "schedule_of", "RunPlan", "measure_networks",
     "plan_runs", "run_demo", "run_methods", "BUNDLES_DIR", "Stage", "StageRunner", "bundle_arg", "code_digest",
 ]

@@ -16,7 +16,7 @@ from tsdk_monai.layout import RunDirs
 from tsdk_monai.driver.stages import Stage
 from tsdk_monai.utils import TSDKInputError
 
-__all__ = ["METHODS", "Schedule", "method_stages", "overlay_stages"]
+__all__ = ["METHODS", "Schedule", "finetune_seed", "method_stages", "overlay_stages"]
 
 #: every method of the comparison; ``teacher`` is the reference row, the others are students.
 METHODS = ("teacher", "scratch", "task_agnostic_kd", "mae", "mocov3", "tskd_no_synth", "tskd")
@@ -35,6 +35,9 @@ class Schedule:
     validation split (e.g. a distilled student's fine-tuning learning rate). ``keep_aspect``: every stage
     letterboxes its images to its square size (the longer side resized, the shorter padded) instead of squashing them
     (the bundles' ``keep_aspect``; the same geometry for the teacher, the synthesis, the students and their inference).
+    ``finetune_seeds``: every student is fine-tuned and evaluated this many times from the same start (its distilled
+    or pre-trained network, or scratch), with the fine-tuning seeds :func:`finetune_seed` gives: the spread of the
+    few-label fine-tuning at the cost of fine-tunings only (a whole seed reruns the teacher and every label-free stage).
     """
 
     student: str = "unet_small"
@@ -53,6 +56,7 @@ class Schedule:
     batch_size: int = 8
     iterations_like: int | None = None
     keep_aspect: bool = False
+    finetune_seeds: int = 1
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_extra: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -60,12 +64,20 @@ class Schedule:
         unknown = sorted(set(self.method_extra) - set(METHODS))
         if unknown:
             raise TSDKInputError(f"method_extra: not a method: {', '.join(unknown)} (methods: {', '.join(METHODS)})")
+        if isinstance(self.finetune_seeds, bool) or not isinstance(self.finetune_seeds, int) or self.finetune_seeds < 1:
+            raise TSDKInputError(f"finetune_seeds must be a whole number >= 1, got {self.finetune_seeds!r}")
 
     def epoch_scale(self, n_labeled: int) -> int:
         """The factor of the teacher's and the students' fine-tuning epochs for ``n_labeled`` labels."""
         if not self.iterations_like:
             return 1
         return max(1, round(self.iterations_like / max(1, int(n_labeled))))
+
+
+def finetune_seed(seed: int, k: int) -> int:
+    """The bundle seed of the ``k``-th fine-tuning of a student in the run of ``seed``: ``seed`` itself for ``k`` 0 (the
+    seed of every other stage of the run), then ``seed + 1000 * k`` (apart from the runs' own seeds 0, 1, 2, ...)."""
+    return int(seed) + 1000 * int(k)
 
 
 #: the teacher validates about this many times (or after every epoch if it trains fewer): each pass scores the whole
@@ -155,17 +167,21 @@ def method_stages(
         }, [c / "student_pretrained.pt"], inputs=[pool], clean=[c])
 
     def student(method: str, init: Path | None) -> list[Stage]:
-        common = {**data(datalist), "ckpt_dir": str(dirs.models(method)), "output_dir": str(dirs.evaluation(method)),
-                  "student": s.student, "image_size": s.student_size}
-        train = Stage(f"{prefix}{method}_finetune", "tsdk_student", ["train.json"], {
-            **common, "epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
-            "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student", method),
-        }, [dirs.model(method)], inputs=[datalist] + ([init] if init else []),
-            clean=[dirs.models(method), dirs.evaluation(method)])
-        evaluate = Stage(f"{prefix}{method}_evaluate", "tsdk_student", ["train.json", "evaluate.json"],
-                         {**common, **extra("tsdk_student", method)}, [dirs.metrics(method)],
-                         inputs=[datalist, dirs.model(method)])
-        return [train, evaluate]
+        stages = []
+        for k in range(s.finetune_seeds):  # the same start, another fine-tuning seed: stages ``*_finetune{k}``
+            tag = str(k) if k else ""
+            common = {**data(datalist), "seed": finetune_seed(seed, k), "ckpt_dir": str(dirs.models(method, k)),
+                      "output_dir": str(dirs.evaluation(method, k)), "student": s.student, "image_size": s.student_size}
+            train = Stage(f"{prefix}{method}_finetune{tag}", "tsdk_student", ["train.json"], {
+                **common, "epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
+                "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student", method),
+            }, [dirs.model(method, k)], inputs=[datalist] + ([init] if init else []),
+                clean=[dirs.models(method, k), dirs.evaluation(method, k)])
+            evaluate = Stage(f"{prefix}{method}_evaluate{tag}", "tsdk_student", ["train.json", "evaluate.json"],
+                             {**common, **extra("tsdk_student", method)}, [dirs.metrics(method, k)],
+                             inputs=[datalist, dirs.model(method, k)])
+            stages += [train, evaluate]
+        return stages
 
     # TS-KD and its no-synthesis ablation read the same teacher targets of the same real images: one disk cache
     cache = {"teacher_ckpt": str(dirs.teacher_ckpt), "teacher_cache_mode": "disk",
