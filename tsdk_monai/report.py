@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,10 +61,15 @@ def _case_dice(f: Path) -> dict[str, float]:
     return out
 
 
+def _finetune_count(manifest: dict[str, Any]) -> int:
+    """``Schedule.finetune_seeds`` of a run (1 in the ``run.json`` of a version without it)."""
+    return int(manifest["sizes"].get("finetune_seeds", 1))
+
+
 def _finetunes(manifest: dict[str, Any], method: str) -> range:
-    """The fine-tuning seeds ``k`` a method's rows have (``Schedule.finetune_seeds`` for a student, one for the
+    """The fine-tuning seeds ``k`` a method's rows have (:func:`_finetune_count` for a student, one for the
     teacher)."""
-    return range(1 if method == "teacher" else int(manifest["sizes"].get("finetune_seeds", 1)))
+    return range(1 if method == "teacher" else _finetune_count(manifest))
 
 
 def compare_to(workdir: Path, ours: str = "tskd", manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -180,8 +186,8 @@ def _table(rows: list[dict[str, Any]], nets: dict[str, dict[str, Any]], n_seeds:
         mins = "n/a" if r["seconds_mean"] is None else f"{r['seconds_mean'] / 60:.1f}"
         label = METHOD_LABELS.get(r["method"], r["method"])
         dice = _fmt(r["dice_mean"], r["dice_std"], 3) if r["runs"] else "not run"
-        per = [sum(x["seed"] == sd for x in r["runs"]) for sd in {x["seed"] for x in r["runs"]}]
-        seeds, fts = len(per), max(per, default=1)
+        per = Counter(x["seed"] for x in r["runs"])  # seed -> its fine-tunings with results
+        seeds, fts = len(per), max(per.values(), default=1)
         seeds_col = f"{seeds}/{n_seeds}" + (f" × {fts}" if fts > 1 else "")
         lines.append(f"| {label} | {r['n_labeled']} | {seeds_col} | {dice} | {hd} | {params} | "
                      f"{speed} | {mins} |")
@@ -205,7 +211,7 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
     plot_dice(rows, manifest, layout.plots / "dice_vs_labels.png", METHOD_LABELS)
     table = _table(rows, nets, len(manifest["seeds"]))
     sizes = manifest["sizes"]
-    ft = int(sizes.get("finetune_seeds", 1))
+    ft = _finetune_count(manifest)
     ratio = ""
     if "teacher" in nets and "student" in nets:
         ratio = (f"The student runs {nets['teacher']['ms'] / nets['student']['ms']:.1f}x faster than the teacher and has "
