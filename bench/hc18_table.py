@@ -32,7 +32,8 @@ preset's 3: 24 more fine-tunings and evaluations, ~1.8 minutes each):
       targets on ~800 images, 4 epochs)
     TS-KD distill (+128 synthetic images, 4 ep.)     ~2.2-2.3       4.5
     student fine-tune (80 iterations of 8)           ~0.9          10.8   (x12: 6 students x 2 n)
-    student test evaluation (198 images, HD95)       ~0.3           3.2
+    student test evaluation (198 images, HD95,       ~0.3           3.2
+      post-processing chosen on ~100 validation)
     2 more fine-tunings + evaluations of each        ~1.8          42.7   (x24; finetune_seeds 3)
     overlays, report                                                ~0.5
 

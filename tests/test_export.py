@@ -57,8 +57,8 @@ def test_exported_bundle_is_self_contained(exported_bundle, tmp_path):
     assert (inference["student"], inference["num_classes"], inference["image_size"]) == ("unet_small", 2, 64)
     assert inference["keep_aspect"] is True and meta["tsdk"]["schedule"]["keep_aspect"] is True  # the run's geometry
     chosen = json.loads((run / "seed0" / "n6" / "scratch" / "models" / "postprocess.json").read_text())
-    assert inference["keep_largest_component"] is chosen["keep_largest_component"]  # chosen on validation, baked in
-    assert meta["tsdk"]["keep_largest_component"] is chosen["keep_largest_component"]
+    assert inference["postprocess"] == chosen["postprocess"] == meta["tsdk"]["postprocess"]  # chosen on validation
+    assert "keep_largest_component" not in inference
     train = json.loads((b / "configs" / "train.json").read_text())
     assert train["num_classes"] == 2 and train["image_size"] == 64 and train["resume"] is False
     # weights: a plain state dict (weights_only) and TorchScript giving the same logits

@@ -114,10 +114,27 @@ class _FixedLogits(torch.nn.Module):
         return self.logits.expand(x.shape[0], -1, -1, -1) + self.w
 
 
-@pytest.mark.parametrize("stray_blob", [True, False])
-def test_postprocessing_is_chosen_on_validation(tmp_path, stray_blob):
-    """A stray blob far from the structure: the largest component helps on validation, so it is chosen and applied
-    to the evaluated predictions; without one it does not help and is not chosen."""
+def _ellipse(shape=(48, 48), centre=(24, 24), radii=(12, 8)) -> torch.Tensor:
+    yy, xx = torch.meshgrid(*(torch.arange(float(s)) for s in shape), indexing="ij")
+    return (((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2 <= 1).float()
+
+
+def _prediction(case: str, label: torch.Tensor) -> torch.Tensor:
+    pred = label.clone()
+    if case == "stray_blob":  # far from the structure: the largest component removes it
+        pred[2:5, 2:5] = 1
+    elif case == "ragged":  # two bites out of the edge, opposite each other: the moment ellipse fills both
+        pred[14:18, 19:23] = 0
+        pred[30:34, 25:29] = 0
+    return pred
+
+
+@pytest.mark.parametrize("case, expected", [("stray_blob", "largest_component"), ("clean", "none"),
+                                            ("ragged", "ellipse")])
+def test_postprocessing_is_chosen_on_validation(tmp_path, case, expected):
+    """Among the options within 0.005 validation Dice of the best, the lowest validation HD95 is chosen and applied to
+    the evaluated predictions: a stray blob far from the structure, the largest component; a clean prediction, none
+    (the simplest on a tie: the ellipse of an ellipse drawn on pixels is not exact); a ragged edge, the ellipse."""
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanDice, from_engine
     from monai.transforms import Activationsd, AsDiscreted, Compose
@@ -125,16 +142,12 @@ def test_postprocessing_is_chosen_on_validation(tmp_path, stray_blob):
     from tsdk_monai.handlers import PostprocessChooser
     from tsdk_monai.transforms import ChosenPostprocessd, read_postprocess_choice
 
-    label = torch.zeros(24, 24)
-    label[4:12, 4:12] = 1
-    pred = label.clone()
-    if stray_blob:
-        pred[18:21, 18:21] = 1
-    data = [{"image": torch.zeros(1, 1, 24, 24), "label": label[None, None]}]
-    net = _FixedLogits(pred)
+    label = _ellipse()
+    pred = _prediction(case, label)
+    data = [{"image": torch.zeros(1, 1, 48, 48), "label": label[None, None]}]
     chosen = ChosenPostprocessd("pred", num_classes=2, is_onehot=True)
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=data, network=net,
+        device=torch.device("cpu"), val_data_loader=data, network=_FixedLogits(pred),
         postprocessing=Compose([Activationsd("pred", softmax=True),
                                 AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=2), chosen]),
         key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
@@ -142,14 +155,64 @@ def test_postprocessing_is_chosen_on_validation(tmp_path, stray_blob):
     )
     evaluator.run()
     record = json.loads((tmp_path / "postprocess.json").read_text())
-    assert record["keep_largest_component"] is stray_blob and record["validation_cases"] == 1
-    assert read_postprocess_choice(tmp_path / "postprocess.json") is stray_blob
-    assert not read_postprocess_choice(tmp_path / "absent.json")
-    if stray_blob:
-        assert record["validation_dice"]["largest_component"] == pytest.approx(1.0)
-        assert record["validation_dice"]["none"] < 1.0
-    assert evaluator.state.metrics["dice"] == pytest.approx(1.0)  # the evaluation used the choice
-    # the inference layout (argmaxed labels) of an exported bundle: the baked choice
-    labels = {"pred": pred[None].clone()}
-    out = ChosenPostprocessd("pred", num_classes=2, enabled=True, is_onehot=False)(labels)["pred"]
+    assert record["postprocess"] == expected == chosen.choice and record["validation_cases"] == 1
+    assert record["keep_largest_component"] is (expected != "none")
+    assert read_postprocess_choice(tmp_path / "postprocess.json") == expected
+    dice, hd95 = record["validation_dice"], record["validation_hd95"]
+    assert set(dice) == set(hd95) == {"none", "largest_component", "ellipse"}
+    assert dice[expected] >= max(dice.values()) - 0.005
+    assert hd95[expected] == min(h for c, h in hd95.items() if dice[c] >= max(dice.values()) - 0.005)
+    assert evaluator.state.metrics["dice"] == pytest.approx(dice[expected])  # the evaluation used the choice
+    if case != "clean":
+        assert hd95[expected] < hd95["none"]
+    # the inference layout (argmaxed labels) of an exported bundle, with the baked choice: the same prediction
+    onehot = ChosenPostprocessd("pred", num_classes=2, choice=expected, is_onehot=True)(
+        {"pred": torch.stack([1 - pred, pred])})["pred"]
+    labels = ChosenPostprocessd("pred", num_classes=2, choice=expected, is_onehot=False)({"pred": pred[None]})["pred"]
+    assert torch.equal(torch.as_tensor(labels)[0], torch.as_tensor(onehot)[1])
+
+
+def test_postprocess_choice_files_and_old_spellings(tmp_path):
+    """postprocess.json of tsdk-monai 0.2 (keep_largest_component only) and the ``enabled`` switch of bundles exported
+    then still mean what they meant; an unknown choice is refused naming the file; no file means none."""
+    from tsdk_monai.transforms import ChosenPostprocessd, read_postprocess_choice
+    from tsdk_monai.utils import TSDKInputError
+
+    assert read_postprocess_choice(tmp_path / "absent.json") == "none"
+    for keep, choice in ((True, "largest_component"), (False, "none")):
+        (tmp_path / "old.json").write_text(json.dumps({"keep_largest_component": keep}))
+        assert read_postprocess_choice(tmp_path / "old.json") == choice
+        assert ChosenPostprocessd("pred", 2, enabled=keep).choice == choice
+        assert ChosenPostprocessd("pred", 2, enabled=str(tmp_path / "old.json")).choice == choice
+    (tmp_path / "bad.json").write_text(json.dumps({"postprocess": "convex_hull"}))
+    with pytest.raises(TSDKInputError, match="bad.json.*convex_hull"):
+        read_postprocess_choice(tmp_path / "bad.json")
+    label = _ellipse()
+    pred = _prediction("stray_blob", label)
+    out = ChosenPostprocessd("pred", num_classes=2, enabled=True, is_onehot=False)({"pred": pred[None]})["pred"]
     assert torch.equal(torch.as_tensor(out)[0], label)
+
+
+def test_moment_ellipse_redraws_ellipses_and_keeps_other_classes():
+    """The ellipse of an ellipse's moments is that ellipse (2D and 3D, IoU > 0.98); a mask too small for moments is
+    kept; in a two-class prediction the ellipse grows into background only, never over the other class."""
+    from tsdk_monai.transforms import ChosenPostprocessd, moment_ellipse
+
+    def iou(a, b):
+        return float((a & b).sum() / (a | b).sum())
+
+    label = _ellipse().bool()
+    assert iou(moment_ellipse(label), label) > 0.98
+    zz, yy, xx = torch.meshgrid(torch.arange(20.0), torch.arange(24.0), torch.arange(24.0), indexing="ij")
+    ball = ((zz - 10) / 6) ** 2 + ((yy - 12) / 9) ** 2 + ((xx - 12) / 5) ** 2 <= 1
+    assert iou(moment_ellipse(ball), ball) > 0.98
+    dot = torch.zeros(4, 4, dtype=torch.bool)
+    dot[1, 2] = True
+    assert torch.equal(moment_ellipse(dot), dot)
+    # class 1 with a bite taken by class 2: class 2 keeps every pixel, class 1 is still about its ellipse
+    labels = _ellipse().long()
+    labels[22:27, 16:20] = 2
+    out = ChosenPostprocessd("pred", num_classes=3, choice="ellipse", is_onehot=False)({"pred": labels[None]})["pred"]
+    out = torch.as_tensor(out)[0]
+    assert torch.equal(out == 2, labels == 2)
+    assert iou(out == 1, _ellipse().bool() & (labels != 2)) > 0.9

@@ -61,9 +61,9 @@ def test_evaluate_writes_metrics_json(trained, demo_datalist):
     assert metrics["empty_predictions"] >= 0 and metrics["invented"] >= 0
     # the post-processing was chosen on the validation split, before the test was scored
     chosen = json.loads((work / "models" / "postprocess.json").read_text())
-    assert isinstance(chosen["keep_largest_component"], bool)
+    assert chosen["postprocess"] in ("none", "largest_component", "ellipse")
     assert chosen["validation_cases"] == len(json.loads(demo_datalist.read_text())["validation"])
-    assert set(chosen["validation_dice"]) == {"none", "largest_component"}
+    assert set(chosen["validation_dice"]) == set(chosen["validation_hd95"]) == {"none", "largest_component", "ellipse"}
 
 
 def test_inference_2d_and_3d_keep_geometry(trained, demo_datalist, tmp_path):

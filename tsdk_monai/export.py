@@ -86,8 +86,8 @@ def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
              "image_size": int(sizes["student_size"]), "keep_aspect": bool(sizes.get("keep_aspect", False))}
     from tsdk_monai.transforms import read_postprocess_choice
 
-    keep = read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")  # chosen on validation
-    for name, extra in (("inference.json", {"keep_largest_component": keep}), ("train.json", {"resume": False})):
+    post = read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")  # chosen on validation
+    for name, extra in (("inference.json", {"postprocess": post}), ("train.json", {"resume": False})):
         cfg = json.loads((configs / name).read_text())
         cfg.update(baked, **extra)  # train.json: a MONAI Label training fine-tunes model.pt, it does not resume
         _write_json(configs / name, cfg)
@@ -95,8 +95,8 @@ def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
 
 def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> dict[str, Any]:
     from tsdk_monai import __version__
-    from tsdk_monai.transforms import read_postprocess_choice
     from tsdk_monai.report import METHOD_LABELS
+    from tsdk_monai.transforms import read_postprocess_choice
 
     meta = json.loads((configs / "metadata.json").read_text())
     m, sizes, labels = rec["metrics"], rec["manifest"]["sizes"], rec["labels"]
@@ -118,7 +118,7 @@ def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> di
               "n_labeled": rec["n_labeled"], "seed": rec["seed"],
               "labelled_images": [Path(c["image"]).name for c in rec["datalist"].get("training", [])],
               "schedule": {k: v for k, v in sizes.items() if k != "extra"},
-              "keep_largest_component": read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")},
+              "postprocess": read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")},
     )
     meta["required_packages_version"]["tsdk-monai"] = __version__
     out = meta["network_data_format"]["outputs"]["pred"]
@@ -133,6 +133,8 @@ def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> di
 
 
 def _model_card(rec: dict[str, Any], meta: dict[str, Any], name: str, data_licence: str) -> str:
+    from tsdk_monai.transforms import POSTPROCESS_CHOICES
+
     m, per_class = rec["metrics"]["mean"], rec["metrics"].get("per_class_mean", {})
     rows = [f"| all classes (mean) | {m['test_mean_dice']:.3f} | "
             f"{m['test_hd95']:.1f} |" if m.get("test_hd95") is not None else f"| mean | {m['test_mean_dice']:.3f} | n/a |"]
@@ -152,8 +154,7 @@ def _model_card(rec: dict[str, Any], meta: dict[str, Any], name: str, data_licen
         "## Results (held-out test split)", "", "| class | Dice | HD95 (px) |", "|---|---:|---:|", *rows, "",
         f"Measured by the bundle's `evaluate.json` at the images' own size (seed {t['seed']}); HD95 in pixels, a class "
         "missed or invented in an image scored as the image diagonal. Post-processing (chosen on the validation split, "
-        "`keep_largest_component` in `inference.json`): "
-        + ("each class's largest connected component." if t.get("keep_largest_component") else "none."), "",
+        f"`postprocess` in `inference.json`): {POSTPROCESS_CHOICES[t['postprocess']]}.", "",
         "## Limitations", "",
         f"- Trained at {t['image_size']} px on one data set with few labels: expect lower accuracy on other scanners, "
         "protocols and populations; check it on your data before any use.",

@@ -20,6 +20,7 @@ import numpy as np
 
 from tsdk_monai.layout import RunDirs, RunLayout
 from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, read_postprocess_choice
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
@@ -135,10 +136,13 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                     continue
                 secs = _stage_seconds(layout, manifest["stages"].get(m, {}).get(key, []))
                 for k in _finetunes(manifest, m):
-                    res = _metrics(RunDirs.of(run).metrics(m, k))
+                    dirs = RunDirs.of(run)
+                    res = _metrics(dirs.metrics(m, k))
                     if res is not None:
+                        post = None if m == "teacher" else read_postprocess_choice(
+                            dirs.models(m, k) / "postprocess.json")
                         per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1],
-                                         "seconds": secs if k == 0 else None})
+                                         "seconds": secs if k == 0 else None, "postprocess": post})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})
     return rows
 
@@ -167,6 +171,17 @@ def _teacher_history(manifest: dict[str, Any]) -> dict[tuple[int, int], list[dic
 
 
 # --------------------------------------------------------------------------------------------------- report
+def _postprocess_line(rows: list[dict[str, Any]]) -> str:
+    """How many students' evaluations chose each post-processing on the validation split."""
+    chosen = Counter(r["postprocess"] for row in rows for r in row["runs"] if r.get("postprocess"))
+    if not chosen:
+        return ""
+    return ("Post-processing of each student, chosen on the validation split before the test was scored (the lowest "
+            "validation HD95 among the options within 0.005 validation Dice of the best): "
+            + "; ".join(f"{text} {chosen[c]}" for c, text in POSTPROCESS_CHOICES.items() if chosen[c])
+            + f" of {sum(chosen.values())}.")
+
+
 def _fmt(mean: float | None, std: float | None, digits: int) -> str:
     if mean is None:
         return "n/a"
@@ -243,7 +258,8 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         "Stage minutes: wall time of every stage the row needs (shared label-free stages and the teacher included), "
         "mean over seeds: the compute budget of the row (every fine-tuning seed included). Test HD95: 95th-percentile "
         "Hausdorff distance in pixels of the original image, mean over the test cases and classes; a class missed in an "
-        "image that has it, or predicted in one that has not, counts as the image diagonal (not left out).",
+        "image that has it, or predicted in one that has not, counts as the image diagonal (not left out). "
+        + _postprocess_line(rows),
         "",
         "## Dice vs number of labels",
         "",

@@ -1,6 +1,6 @@
 """Transforms MONAI lacks: a loader whose errors name the file, grey conversion of RGB inputs, label checks, the
-teacher's hard labels (distillation evaluation), the post-processing chosen on validation, the square resize every
-bundle shares (squashed or letterboxed).
+teacher's hard labels (distillation evaluation), the post-processing chosen on validation (with a moment-ellipse
+shape prior), the square resize every bundle shares (squashed or letterboxed).
 
 VFM input normalisation (grey to 3 channels, resize to the VFM's size, mean/std) lives inside
 :class:`tsdk_monai.networks.VFMEncoder`, so every caller of a VFM gets it.
@@ -9,10 +9,16 @@ VFM input normalisation (grey to 3 channels, resize to the VFM's size, mean/std)
 from tsdk_monai.transforms.geometry import SquareResized, letterbox_box, letterbox_pad
 from tsdk_monai.transforms.intensity import CheckLabeld, EnsureGrey, EnsureGreyd, source_name
 from tsdk_monai.transforms.io import CheckedLoadImaged
-from tsdk_monai.transforms.postprocess import ChosenPostprocessd, read_postprocess_choice
+from tsdk_monai.transforms.postprocess import (
+    POSTPROCESS_CHOICES,
+    ChosenPostprocessd,
+    moment_ellipse,
+    read_postprocess_choice,
+)
 from tsdk_monai.transforms.teacher import TeacherLabeld
 
 __all__ = [
-    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "SquareResized",
-    "TeacherLabeld", "letterbox_box", "letterbox_pad", "read_postprocess_choice", "source_name",
+    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "POSTPROCESS_CHOICES",
+    "SquareResized", "TeacherLabeld", "letterbox_box", "letterbox_pad", "moment_ellipse", "read_postprocess_choice",
+    "source_name",
 ]
