@@ -184,6 +184,9 @@ def test_postprocess_choice_files_and_old_spellings(tmp_path):
         assert read_postprocess_choice(tmp_path / "old.json") == choice
         assert ChosenPostprocessd("pred", 2, enabled=keep).choice == choice
         assert ChosenPostprocessd("pred", 2, enabled=str(tmp_path / "old.json")).choice == choice
+    assert ChosenPostprocessd("pred", 2, True).choice == "largest_component"  # 0.4's positional enabled
+    with pytest.raises(TSDKInputError, match="'elipse': not one of none, largest_component, ellipse"):
+        ChosenPostprocessd("pred", 2, choice="elipse")  # a typo is not silently "none"
     (tmp_path / "bad.json").write_text(json.dumps({"postprocess": "convex_hull"}))
     with pytest.raises(TSDKInputError, match="bad.json.*convex_hull"):
         read_postprocess_choice(tmp_path / "bad.json")

@@ -82,11 +82,16 @@ class ChosenPostprocessd(MapTransform):
     def __init__(self, keys: Sequence[Hashable] | Hashable, num_classes: int, choice: str = "none",
                  is_onehot: bool | None = None, enabled: bool | str | None = None) -> None:
         super().__init__(keys)
-        if isinstance(enabled, bool):
-            choice = "largest_component" if enabled else "none"
-        elif enabled is not None:
-            choice = enabled
+        if enabled is not None or isinstance(choice, bool):  # 0.4's third positional argument was enabled
+            choice = enabled if enabled is not None else choice
+            if isinstance(choice, bool):
+                choice = "largest_component" if choice else "none"
         if choice not in POSTPROCESS_CHOICES:
+            if not str(choice).endswith(".json"):
+                from tsdk_monai.utils import TSDKInputError
+
+                raise TSDKInputError(f"post-processing {choice!r}: not one of {', '.join(POSTPROCESS_CHOICES)} "
+                                     "(or a postprocess.json to read it from)")
             choice = read_postprocess_choice(choice)
         self.choice = choice
         self.num_classes, self.is_onehot = int(num_classes), is_onehot
