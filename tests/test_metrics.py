@@ -219,3 +219,26 @@ def test_moment_ellipse_redraws_ellipses_and_keeps_other_classes():
     out = torch.as_tensor(out)[0]
     assert torch.equal(out == 2, labels == 2)
     assert iou(out == 1, _ellipse().bool() & (labels != 2)) > 0.9
+
+
+def test_fast_as_discrete_matches_monai():
+    """FastAsDiscreted gives MONAI's AsDiscreted output (values, dtype, shape, MetaTensor affine) for argmax with and
+    without one-hot, per-key flags and numpy input, with argmax as max(dim).indices."""
+    import numpy as np
+    from monai.data import MetaTensor
+    from monai.transforms import AsDiscrete, AsDiscreted
+
+    from tsdk_monai.transforms import FastAsDiscrete, FastAsDiscreted
+
+    torch.manual_seed(0)
+    logits = MetaTensor(torch.randn(3, 32, 24), affine=torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0])))
+    label = MetaTensor(torch.randint(0, 3, (1, 32, 24)).float())
+    for kwargs in ({"argmax": [True, False], "to_onehot": 3}, {"argmax": [True, False]}, {"argmax": False}):
+        ours = FastAsDiscreted(["pred", "label"], **kwargs)({"pred": logits, "label": label})
+        theirs = AsDiscreted(["pred", "label"], **kwargs)({"pred": logits, "label": label})
+        for key in ("pred", "label"):
+            assert torch.equal(ours[key].as_tensor(), theirs[key].as_tensor()) and ours[key].dtype == theirs[key].dtype
+            assert torch.equal(ours[key].affine, theirs[key].affine)
+    array = np.random.default_rng(0).normal(size=(4, 8, 8)).astype(np.float32)
+    ours, theirs = FastAsDiscrete(argmax=True)(array), AsDiscrete(argmax=True)(array)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs)) and np.asarray(ours).shape == (1, 8, 8)

@@ -1,11 +1,12 @@
-"""Transforms MONAI lacks: a loader whose errors name the file, grey conversion of RGB inputs, label checks, the
-teacher's hard labels (distillation evaluation), the post-processing chosen on validation (with a moment-ellipse
-shape prior), the square resize every bundle shares (squashed or letterboxed).
+"""Transforms MONAI lacks: a loader whose errors name the file, AsDiscrete with a fast argmax, grey conversion of RGB
+inputs, label checks, the teacher's hard labels (distillation evaluation), the post-processing chosen on validation
+(with a moment-ellipse shape prior), the square resize every bundle shares (squashed or letterboxed).
 
 VFM input normalisation (grey to 3 channels, resize to the VFM's size, mean/std) lives inside
 :class:`tsdk_monai.networks.VFMEncoder`, so every caller of a VFM gets it.
 """
 
+from tsdk_monai.transforms.discrete import FastAsDiscrete, FastAsDiscreted
 from tsdk_monai.transforms.geometry import SquareResized, letterbox_box, letterbox_pad
 from tsdk_monai.transforms.intensity import CheckLabeld, EnsureGrey, EnsureGreyd, source_name
 from tsdk_monai.transforms.io import CheckedLoadImaged
@@ -18,7 +19,8 @@ from tsdk_monai.transforms.postprocess import (
 from tsdk_monai.transforms.teacher import TeacherLabeld
 
 __all__ = [
-    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "POSTPROCESS_CHOICES",
+    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "FastAsDiscrete",
+    "FastAsDiscreted", "POSTPROCESS_CHOICES",
     "SquareResized", "TeacherLabeld", "letterbox_box", "letterbox_pad", "moment_ellipse", "read_postprocess_choice",
     "source_name",
 ]
