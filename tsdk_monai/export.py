@@ -56,6 +56,7 @@ def _write_json(path: Path, data: dict) -> None:
 def _run_record(workdir: Path, method: str, n_labeled: int | None, seed: int) -> dict[str, Any]:
     """What the run folder knows of one trained student: its files, schedule, data and test metrics."""
     from tsdk_monai.layout import RunDirs, RunLayout
+    from tsdk_monai.transforms import read_postprocess_choice
     from tsdk_monai.utils import TSDKInputError, read_json
 
     layout = RunLayout(workdir)
@@ -75,7 +76,8 @@ def _run_record(workdir: Path, method: str, n_labeled: int | None, seed: int) ->
     datalist = read_json(Path(run["datalist"]), "datalist file not found", "not a valid JSON datalist")
     labels = {str(k): v for k, v in sorted(datalist.get("labels", {}).items(), key=lambda kv: int(kv[0]))}
     return {"manifest": manifest, "run": run, "model": model, "metrics": read_json(metrics, "not found", "not JSON"),
-            "datalist": datalist, "labels": labels, "n_labeled": n, "seed": seed, "method": method}
+            "datalist": datalist, "labels": labels, "n_labeled": n, "seed": seed, "method": method,
+            "postprocess": read_postprocess_choice(model.parent / "postprocess.json")}  # chosen on validation
 
 
 def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
@@ -84,10 +86,7 @@ def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
     sizes = rec["manifest"]["sizes"]
     baked = {"student": sizes["student"], "num_classes": len(rec["labels"]) or int(rec["manifest"]["num_classes"]),
              "image_size": int(sizes["student_size"]), "keep_aspect": bool(sizes.get("keep_aspect", False))}
-    from tsdk_monai.transforms import read_postprocess_choice
-
-    post = read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")  # chosen on validation
-    for name, extra in (("inference.json", {"postprocess": post}), ("train.json", {"resume": False})):
+    for name, extra in (("inference.json", {"postprocess": rec["postprocess"]}), ("train.json", {"resume": False})):
         cfg = json.loads((configs / name).read_text())
         cfg.update(baked, **extra)  # train.json: a MONAI Label training fine-tunes model.pt, it does not resume
         _write_json(configs / name, cfg)
@@ -96,7 +95,6 @@ def _bake_configs(configs: Path, rec: dict[str, Any]) -> None:
 def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> dict[str, Any]:
     from tsdk_monai import __version__
     from tsdk_monai.report import METHOD_LABELS
-    from tsdk_monai.transforms import read_postprocess_choice
 
     meta = json.loads((configs / "metadata.json").read_text())
     m, sizes, labels = rec["metrics"], rec["manifest"]["sizes"], rec["labels"]
@@ -118,7 +116,7 @@ def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> di
               "n_labeled": rec["n_labeled"], "seed": rec["seed"],
               "labelled_images": [Path(c["image"]).name for c in rec["datalist"].get("training", [])],
               "schedule": {k: v for k, v in sizes.items() if k != "extra"},
-              "postprocess": read_postprocess_choice(Path(rec["model"]).parent / "postprocess.json")},
+              "postprocess": rec["postprocess"]},
     )
     meta["required_packages_version"]["tsdk-monai"] = __version__
     out = meta["network_data_format"]["outputs"]["pred"]

@@ -135,8 +135,8 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                 if run is None:
                     continue
                 secs = _stage_seconds(layout, manifest["stages"].get(m, {}).get(key, []))
+                dirs = RunDirs.of(run)
                 for k in _finetunes(manifest, m):
-                    dirs = RunDirs.of(run)
                     res = _metrics(dirs.metrics(m, k))
                     if res is not None:
                         post = None if m == "teacher" else read_postprocess_choice(
