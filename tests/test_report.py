@@ -62,3 +62,32 @@ def test_tskd_minus_each_method_pairs_images_averaged_over_fine_tuning_seeds(wor
     # a fine-tuning seed not (yet) evaluated is left out, not counted as 0
     (RunLayout(work).run(0, 20).metrics("scratch", 2)).unlink()
     assert {c["method"]: c for c in compare_to(work)}["scratch"]["mean"] == pytest.approx(0.8333333 - 0.5)
+
+
+def test_report_says_whether_the_synthetic_images_helped(work):
+    layout = RunLayout(work)
+    dirs = layout.run(0, 20)
+    manifest = json.loads(layout.manifest.read_text())
+    manifest["methods"].append("tskd_no_synth")
+    layout.manifest.write_text(json.dumps(manifest))
+    for k in range(3):  # without synthesis: 0.1 lower on every image, so the interval is above 0
+        _metrics(dirs.metrics("tskd_no_synth", k), [d - 0.1 for d in (0.8, 0.8, 0.9)[k:k + 1] * 6], 12.0)
+    synthetic = dirs.synthetic_datalist.parent
+    synthetic.mkdir(parents=True)
+    (synthetic / "quality.json").write_text(json.dumps({
+        "num_synthetic": 16, "image_size": 64, "num_real_fid": 8, "feature_extractor": "VFMEncoder",
+        "frechet_distance": 0.25, "noise_baseline": {"frechet_distance": 2.5},
+        "memorisation": {"num_copies": 1, "copy_threshold": 0.95}, "grid": {"path": "quality_grid.png"}}))
+    write_report(work, print_table=False)
+    md = (work / "report.md").read_text()
+    section = md[md.index("## Synthetic transfer set"):md.index("## Schedule")]
+    assert "- seed 0: 16 synthetic images at 64 px; Fréchet distance to 8 real images in the VFMEncoder space 0.250 " \
+           "(Gaussian noise: 2.500); near-copies of a real image (pixel correlation ≥ 0.95): 1;" in section, section
+    assert "(seed0/shared/synthesis/synthetic/quality_grid.png)" in section
+    assert "- 20 labels: TS-KD minus TS-KD without synthesis +0.100 [+0.100, +0.100]: the synthetic images helped" \
+           in section, section
+    # the same images 0.1 better without synthesis: the report says they hurt
+    for k in range(3):
+        _metrics(dirs.metrics("tskd_no_synth", k), [d + 0.1 for d in (0.8, 0.8, 0.9)[k:k + 1] * 6], 12.0)
+    write_report(work, print_table=False)
+    assert "the synthetic images hurt (interval below 0)" in (work / "report.md").read_text()

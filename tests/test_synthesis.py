@@ -326,6 +326,8 @@ def test_bundle_train_resume_sample(demo_datalist, tmp_path):
     quality = json.loads((out / "quality.json").read_text())
     assert quality["num_synthetic"] == 6 and len(quality["memorisation"]["per_image"]) == 6
     assert quality["frechet_distance"] >= 0 and (out / "quality_grid.png").is_file()
+    # the bundle measures its noise baseline (the report's scale for the distance) unless told not to
+    assert quality["noise_baseline"]["frechet_distance"] > 0
 
 
 def test_preprocessing_and_image_errors(tmp_path):

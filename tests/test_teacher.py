@@ -19,7 +19,7 @@ from tsdk_monai.networks import (
     read_teacher_config,
     save_teacher,
 )
-from tsdk_monai.transforms import CheckLabeld, EnsureGreyd
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, CheckLabeld, EnsureGreyd
 from tsdk_monai.utils import TSDKInputError
 
 SIZE = 64  # LiteMedSAM runs at any multiple of 64; its native 256 costs ~2 s per image on these CPUs
@@ -261,8 +261,14 @@ def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
     with torch.no_grad():
         assert net(x).shape == (1, 2, 64, 64)
 
+    before = sorted(p.name for p in teacher.rglob("*"))
     run_bundle("tsdk_teacher", ["train.json", "evaluate.json"], common)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # the student bundle's layout
+    # the post-processing is chosen on the validation split and recorded beside the metrics, not in the teacher's
+    # folder (whose files key the distillation's teacher cache)
+    chosen = json.loads((tmp_path / "eval" / "postprocess.json").read_text())
+    assert chosen["postprocess"] in POSTPROCESS_CHOICES and set(chosen["validation_hd95"]) == set(POSTPROCESS_CHOICES)
+    assert sorted(p.name for p in teacher.rglob("*")) == before
     data = json.loads(demo_datalist.read_text())
     n_test, (foreground,) = len(data["test"]), [v for k, v in data["labels"].items() if k != "0"]
     assert len(metrics["cases"]) == n_test

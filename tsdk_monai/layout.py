@@ -75,6 +75,12 @@ class RunDirs:
         """The test ``metrics.json`` of a method (``tsdk_teacher`` and ``tsdk_student`` evaluate write one layout)."""
         return self.evaluation(method, k) / "metrics.json"
 
+    def postprocess(self, method: str, k: int = 0) -> Path:
+        """The ``postprocess.json`` of a method's evaluation (the post-processing it chose on the validation split): a
+        student's beside its ``model.pt`` (its ``inference.json`` reads it), the teacher's in its test folder (its
+        model folder feeds the distillation's teacher cache, whose key must not change when it is evaluated)."""
+        return (self.evaluation(method) if method == "teacher" else self.models(method, k)) / "postprocess.json"
+
     def overlay(self, method: str) -> Path:
         """The predictions of a method on the overlay figure's test cases."""
         return self.method(method) / "overlay"

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tsdk_monai.layout import RunDirs, RunLayout
+from tsdk_monai.metrics.grid import quality_summary
 from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
 from tsdk_monai.transforms import POSTPROCESS_CHOICES, read_postprocess_choice
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
@@ -139,8 +140,8 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                 for k in _finetunes(manifest, m):
                     res = _metrics(dirs.metrics(m, k))
                     if res is not None:
-                        post = None if m == "teacher" else read_postprocess_choice(
-                            dirs.models(m, k) / "postprocess.json")
+                        post = dirs.postprocess(m, k)  # a teacher evaluated before bundle 0.5 chose none
+                        post = read_postprocess_choice(post) if m != "teacher" or post.is_file() else None
                         per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1],
                                          "seconds": secs if k == 0 else None, "postprocess": post})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})
@@ -172,14 +173,53 @@ def _teacher_history(manifest: dict[str, Any]) -> dict[tuple[int, int], list[dic
 
 # --------------------------------------------------------------------------------------------------- report
 def _postprocess_line(rows: list[dict[str, Any]]) -> str:
-    """How many students' evaluations chose each post-processing on the validation split."""
+    """How many evaluations (students' and teachers') chose each post-processing on the validation split."""
     chosen = Counter(r["postprocess"] for row in rows for r in row["runs"] if r.get("postprocess"))
     if not chosen:
         return ""
-    return ("Post-processing of each student, chosen on the validation split before the test was scored (the lowest "
+    return ("Post-processing of each model, chosen on the validation split before the test was scored (the lowest "
             "validation HD95 among the options within 0.005 validation Dice of the best): "
             + "; ".join(f"{text} {chosen[c]}" for c, text in POSTPROCESS_CHOICES.items() if chosen[c])
             + f" of {sum(chosen.values())}.")
+
+
+def _synthesis_section(w: Path, manifest: dict[str, Any], comparisons: list[dict[str, Any]]) -> list[str]:
+    """The report's section on the synthetic transfer set: each seed's quality report (``quality.json`` of the
+    synthesis stage: Fréchet distance, near-copies) and, per number of labels, whether the synthetic images helped TS-KD
+    on the test images (TS-KD minus TS-KD without synthesis, the paired bootstrap interval's verdict in words)."""
+    if "tskd" not in manifest["methods"]:
+        return []
+    lines = []
+    seen = set()
+    for seed in manifest["seeds"]:
+        run = next((r for r in manifest["runs"].values() if r.get("seed") == seed), None)
+        if run is None:
+            continue
+        synthetic = RunDirs.of(run).synthetic_datalist.parent
+        if synthetic in seen or not (synthetic / "quality.json").is_file():
+            continue
+        seen.add(synthetic)
+        q = read_json(synthetic / "quality.json", "not found", "not valid JSON")
+        grid = synthetic.relative_to(w) / q["grid"]["path"] if q.get("grid") and synthetic.is_relative_to(w) else None
+        lines.append(f"- seed {seed}: {quality_summary(q)}" + (f"; [grid]({grid})" if grid else ""))
+    verdicts = []
+    for c in comparisons:
+        if c["method"] != "tskd_no_synth":
+            continue
+        if c["low"] > 0:
+            word = "helped (interval above 0)"
+        elif c["high"] < 0:
+            word = "hurt (interval below 0): at this schedule, TS-KD without synthesis is the better choice here"
+        else:
+            word = "made no difference beyond image-sampling noise (interval spans 0)"
+        verdicts.append(f"- {c['n_labeled']} labels: TS-KD minus TS-KD without synthesis {c['mean']:+.3f} "
+                        f"[{c['low']:+.3f}, {c['high']:+.3f}]: the synthetic images {word}")
+    if not lines and not verdicts:
+        return []
+    return ["## Synthetic transfer set", "",
+            "Quality of the synthesis stage's images (`quality.json`, written before any student used them) and whether "
+            "they helped TS-KD on the test images (TS-KD's test Dice minus that of the same method distilled without "
+            "them, paired bootstrap 95% interval as above):", "", *lines, *verdicts, ""]
 
 
 def _fmt(mean: float | None, std: float | None, digits: int) -> str:
@@ -293,6 +333,7 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
                "| labels | minus | mean Δ Dice | 95% interval | images | seeds |", "|---|---|---|---|---|---|",
                *[f"| {c['n_labeled']} | {METHOD_LABELS.get(c['method'], c['method'])} | {c['mean']:+.3f} | "
                  f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['n']} | {c['seeds']} |" for c in comparisons], ""]
+    md += _synthesis_section(w, manifest, comparisons)
     md += [
         "## Schedule", "",
         "| setting | value |", "|---|---|",

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
+from tsdk_monai.transforms.discrete import channel_argmax
+
 __all__ = ["TaskSpecificKDLoss", "TaskAgnosticKDLoss", "kd_kl_div", "teacher_confidence_mask", "FeatureProjection"]
 
 
@@ -165,7 +167,7 @@ class TaskSpecificKDLoss(nn.Module):
         if self.alpha > 0:
             terms["kd_kl"] = self.alpha * kd_kl_div(s_logits, t_logits, self.temperature, mask)
         if self.beta > 0:
-            hard = t_logits.argmax(dim=1, keepdim=True)
+            hard = channel_argmax(t_logits, dim=1)  # torch's CPU argmax over channels is ~20x slower
             if mask is None:
                 terms["kd_dice"] = self.beta * self.dice(s_logits.float(), hard)
             else:  # MONAI's MaskedDiceLoss masks before its softmax and one-hot: mask the probabilities instead

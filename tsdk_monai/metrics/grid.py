@@ -1,11 +1,14 @@
-"""A picture of a synthetic set beside real images: the grid of the synthesis quality report."""
+"""How a synthetic set is shown: the grid of the synthesis quality report (real images beside synthetic ones) and its
+one-line summary."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["quality_grid"]
+__all__ = ["quality_grid", "quality_summary"]
 
 
 def quality_grid(
@@ -39,3 +42,16 @@ def quality_grid(
             y, x = top + pad + r * cell_h, pad + c * cell_w
             grid[y : y + h, x : x + w] = np.round(im * 255).astype(np.uint8)
     return grid
+
+
+def quality_summary(report: dict[str, Any]) -> str:
+    """One line on a synthetic set from its ``quality.json`` (:func:`~tsdk_monai.metrics.quality_report` plus the bundle's fields): how
+    many images at which size, the Fréchet distance beside the noise baseline's, and the near-copies."""
+    mem = report.get("memorisation") or {}
+    noise = (report.get("noise_baseline") or {}).get("frechet_distance")
+    return (f"{report['num_synthetic']} synthetic images at {report['image_size']} px; Fréchet distance to "
+            f"{report.get('num_real_fid', report.get('num_real'))} real images in the "
+            f"{report.get('feature_extractor', 'feature')} space {report['frechet_distance']:.3f}"
+            + (f" (Gaussian noise: {noise:.3f})" if noise is not None else " (no noise baseline measured)")
+            + (f"; near-copies of a real image (pixel correlation ≥ {mem['copy_threshold']}): {mem['num_copies']}"
+               if "num_copies" in mem else ""))

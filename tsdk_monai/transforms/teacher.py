@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from monai.transforms import MapTransform
 
+from tsdk_monai.transforms.discrete import channel_argmax
+
 __all__ = ["TeacherLabeld"]
 
 
@@ -43,6 +45,7 @@ class TeacherLabeld(MapTransform):
             if self.like_key is not None:
                 logits = logits_at(logits, d[self.like_key].shape[1:])
             logits = logits[0]
-            onehot = torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).permute(2, 0, 1).float()
+            hard = channel_argmax(logits, keepdim=False)
+            onehot = torch.nn.functional.one_hot(hard, logits.shape[0]).permute(2, 0, 1).float()
             d[self.output_key] = onehot.to(img.device)
         return d
