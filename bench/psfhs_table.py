@@ -11,7 +11,14 @@ Same code path and schedules as ``bench/hc18_table.py`` (``tsdk run --preset cpu
     python bench/psfhs_table.py --seeds 0,1,2     # three seeds: mean ± std and TS-KD's paired bootstrap intervals
     python bench/psfhs_table.py --data DIR        # a copy elsewhere (images/ and labels/)
 
-Measured (2026-12-07, today's CPU schedule: the teacher's LoRA of rank 16 on every encoder linear layer, 480
+Measured (2026-12-07, evening: today's CPU schedule, whose baselines (scratch, task-agnostic KD, MAE, MoCo v3) fine-tune
+twice as long as the distilled students, chosen on validation; the afternoon's table below with those 24 fine-tunings
+run again, ~114 stage minutes), test Dice 20 / 80 labels, mean of the 3 fine-tunings: teacher 0.824 / 0.871 (its
+post-processing chosen on validation, teacher bundle 0.5), scratch 0.769 / 0.800, task-agnostic KD 0.734 / 0.789,
+MAE 0.738 / 0.784, MoCo v3 0.750 / 0.789, TS-KD without synthesis 0.844 / 0.881, TS-KD 0.847 / 0.873 (TS-KD minus
+scratch +0.078 [+0.065, +0.092] / +0.074 [+0.063, +0.085]).
+
+Afternoon (2026-12-07, the CPU schedule then: the teacher's LoRA of rank 16 on every encoder linear layer, 480
 iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4, every student fine-tuned
 with 3 seeds; seed 0; ~118 stage minutes on 2 cores), test Dice 20 / 80 labels, mean of the 3 fine-tunings: teacher
 0.817 / 0.870, scratch 0.738 / 0.757, task-agnostic KD 0.730 / 0.751, MAE 0.705 / 0.757, MoCo v3 0.728 / 0.755, TS-KD

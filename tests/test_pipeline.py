@@ -81,6 +81,27 @@ def test_method_extra_reaches_only_that_methods_stages(tmp_path):
         Schedule(method_extra={"tskd2": {"tsdk_student": {"learning_rate": 3e-4}}})
 
 
+def test_student_epochs_factor_lengthens_only_that_methods_fine_tuning(tmp_path):
+    """A student's fine-tuning length chosen per method: its epochs times the factor, scaled by the number of labels
+    like every student's, validated as many times; the other students' commands are unchanged."""
+    d, dirs = tmp_path / "data" / "datalist.json", RunDirs(tmp_path, tmp_path)
+    base = Schedule(student_epochs=8, iterations_like=80)
+    longer = Schedule(student_epochs=8, iterations_like=80, student_epochs_factor={"scratch": 3})
+    for n, scale in ((20, 4), (80, 1)):
+        one = {st.name: st for sts in method_stages(d, dirs, base, epoch_scale=scale).values() for st in sts}
+        three = {st.name: st for sts in method_stages(d, dirs, longer, epoch_scale=scale).values() for st in sts}
+        assert three["scratch_finetune"].overrides["epochs"] == 8 * 3 * scale
+        assert three["scratch_finetune"].overrides["val_interval"] == 3 * scale  # 8 validations, the last included
+        assert one["scratch_finetune"].overrides["epochs"] == 8 * scale
+        assert one["scratch_finetune"].overrides.get("val_interval", 1) == scale
+        assert [st.command() for k, st in three.items() if k != "scratch_finetune"] == \
+               [st.command() for k, st in one.items() if k != "scratch_finetune"]
+    with pytest.raises(TSDKInputError, match="not a student method: teacher"):
+        Schedule(student_epochs_factor={"teacher": 2})
+    with pytest.raises(TSDKInputError, match=r"student_epochs_factor\['mae'\] must be a whole number >= 1"):
+        Schedule(student_epochs_factor={"mae": 0})
+
+
 def test_finetune_seeds_fine_tune_every_student_again_from_the_same_start(tmp_path):
     """``finetune_seeds``: each student's fine-tuning and evaluation again with seeds s + 1000 k, from the same
     distilled / pre-trained start, into their own folders; the first fine-tuning's stages stay as they were, so a

@@ -38,6 +38,10 @@ class Schedule:
     ``finetune_seeds``: every student is fine-tuned and evaluated this many times from the same start (its distilled
     or pre-trained network, or scratch), with the fine-tuning seeds :func:`finetune_seed` gives: the spread of the
     few-label fine-tuning at the cost of fine-tunings only (a whole seed reruns the teacher and every label-free stage).
+    ``student_epochs_factor``: a student method's fine-tuning runs this many times ``student_epochs`` (chosen on the
+    validation split, like ``method_extra``'s knobs: a student that starts from nothing or from label-free features
+    needs more fine-tuning than a distilled one), scaled by the number of labels as every student is, and validated
+    as many times (``student_epochs``) over its longer run.
     """
 
     student: str = "unet_small"
@@ -59,11 +63,19 @@ class Schedule:
     finetune_seeds: int = 1
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_extra: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    student_epochs_factor: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.method_extra) - set(METHODS))
         if unknown:
             raise TSDKInputError(f"method_extra: not a method: {', '.join(unknown)} (methods: {', '.join(METHODS)})")
+        students = METHODS[1:]
+        for m, f in self.student_epochs_factor.items():
+            if m not in students:
+                raise TSDKInputError(f"student_epochs_factor: not a student method: {m} "
+                                     f"(students: {', '.join(students)})")
+            if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+                raise TSDKInputError(f"student_epochs_factor[{m!r}] must be a whole number >= 1, got {f!r}")
         if isinstance(self.finetune_seeds, bool) or not isinstance(self.finetune_seeds, int) or self.finetune_seeds < 1:
             raise TSDKInputError(f"finetune_seeds must be a whole number >= 1, got {self.finetune_seeds!r}")
 
@@ -124,7 +136,6 @@ def method_stages(
     def extra(bundle: str, method: str | None = None) -> dict[str, Any]:  # the bundle's, then the method's own
         return {**s.extra.get(bundle, {}), **(s.method_extra.get(method, {}).get(bundle, {}) if method else {})}
 
-    every = {"val_interval": epoch_scale} if epoch_scale > 1 else {}
     teacher_epochs = s.teacher_epochs * epoch_scale
     teacher_every = _divisor_at_most(teacher_epochs, teacher_epochs // TEACHER_VALIDATIONS)
     teacher_models = dirs.teacher_models
@@ -167,14 +178,17 @@ def method_stages(
         }, [c / "student_pretrained.pt"], inputs=[pool], clean=[c])
 
     def student(method: str, init: Path | None) -> list[Stage]:
+        factor = s.student_epochs_factor.get(method, 1) * epoch_scale
+        epochs = s.student_epochs * factor
+        every = factor  # student_epochs validations, the last epoch's included
         stages = []
         for k in range(s.finetune_seeds):  # the same start, another fine-tuning seed: stages ``*_finetune{k}``
             tag = str(k) if k else ""
             common = {**data(datalist), "seed": finetune_seed(seed, k), "ckpt_dir": str(dirs.models(method, k)),
                       "output_dir": str(dirs.evaluation(method, k)), "student": s.student, "image_size": s.student_size}
             train = Stage(f"{prefix}{method}_finetune{tag}", "tsdk_student", ["train.json"], {
-                **common, "epochs": s.student_epochs * epoch_scale, "batch_size": s.batch_size,
-                "init_ckpt": str(init) if init else "", **every, **extra("tsdk_student", method),
+                **common, "epochs": epochs, "batch_size": s.batch_size, "init_ckpt": str(init) if init else "",
+                **({"val_interval": every} if every > 1 else {}), **extra("tsdk_student", method),
             }, [dirs.model(method, k)], inputs=[datalist] + ([init] if init else []),
                 clean=[dirs.models(method, k), dirs.evaluation(method, k)])
             evaluate = Stage(f"{prefix}{method}_evaluate{tag}", "tsdk_student", ["train.json", "evaluate.json"],
