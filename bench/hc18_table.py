@@ -18,7 +18,9 @@ A re-run skips finished stages and resumes an interrupted one (kill it any time)
 ``tsdk run --preset cpu``) at 128 px, for HC18's ~800-image pool (80 labelled + 721 unlabelled), ~100 validation and
 198 test images, measured on 2 cores (2026-12-07, bfloat16 teacher with LoRA of rank 16 on every encoder linear layer,
 distillation and students; 61.5 stage minutes for the 44 stages with one fine-tuning of each student, 104.2 with the
-preset's 3: 24 more fine-tunings and evaluations, ~1.8 minutes each):
+preset's 3: 24 more fine-tunings and evaluations, ~1.8 minutes each; since the baselines fine-tune twice as long,
+~1.5 instead of ~1.2 minutes per baseline fine-tuning + evaluation, 99 stage minutes summed from the stage records,
+the teachers' evaluations, post-processing now chosen on validation, not re-timed):
 
     stage (count)                                   minutes each   total
     teacher LoRA (480 iterations of 4, val x8)       ~12.0-12.6    24.6   (x2: n = 20, 80)
@@ -31,7 +33,8 @@ preset's 3: 24 more fine-tunings and evaluations, ~1.8 minutes each):
     TS-KD distill without synthesis (teacher         ~3.4-3.5       6.9
       targets on ~800 images, 4 epochs)
     TS-KD distill (+128 synthetic images, 4 ep.)     ~2.2-2.3       4.5
-    student fine-tune (80 iterations of 8)           ~0.9          10.8   (x12: 6 students x 2 n)
+    student fine-tune (80 iterations of 8;          ~0.9          10.8   (x12: 6 students x 2 n)
+      the 4 baselines 160: ~1.2-1.3)
     student test evaluation (198 images, HD95,       ~0.3           3.2
       post-processing chosen on ~100 validation)
     2 more fine-tunings + evaluations of each        ~1.8          42.7   (x24; finetune_seeds 3)
