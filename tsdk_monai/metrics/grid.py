@@ -45,8 +45,9 @@ def quality_grid(
 
 
 def quality_summary(report: dict[str, Any]) -> str:
-    """One line on a synthetic set from its ``quality.json`` (:func:`~tsdk_monai.metrics.quality_report` plus the bundle's fields): how
-    many images at which size, the Fréchet distance beside the noise baseline's, and the near-copies."""
+    """One line on a synthetic set from its ``quality.json`` (:func:`~tsdk_monai.metrics.quality_report` plus the
+    bundle's fields): how many images at which size, the Fréchet distance beside the noise baseline's, the
+    near-copies."""
     mem = report.get("memorisation") or {}
     noise = (report.get("noise_baseline") or {}).get("frechet_distance")
     return (f"{report['num_synthetic']} synthetic images at {report['image_size']} px; Fréchet distance to "
