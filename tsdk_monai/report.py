@@ -21,7 +21,7 @@ import numpy as np
 from tsdk_monai.layout import RunDirs, RunLayout
 from tsdk_monai.metrics.grid import quality_summary
 from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
-from tsdk_monai.transforms import POSTPROCESS_CHOICES, read_postprocess_choice
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, POSTPROCESS_DICE_TOLERANCE, read_postprocess_choice
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
@@ -178,7 +178,7 @@ def _postprocess_line(rows: list[dict[str, Any]]) -> str:
     if not chosen:
         return ""
     return ("Post-processing of each model, chosen on the validation split before the test was scored (the lowest "
-            "validation HD95 among the options within 0.005 validation Dice of the best): "
+            f"validation HD95 among the options within {POSTPROCESS_DICE_TOLERANCE} validation Dice of the best): "
             + "; ".join(f"{text} {chosen[c]}" for c, text in POSTPROCESS_CHOICES.items() if chosen[c])
             + f" of {sum(chosen.values())}.")
 

@@ -74,16 +74,20 @@ class Schedule:
             if m not in students:
                 raise TSDKInputError(f"student_epochs_factor: not a student method: {m} "
                                      f"(students: {', '.join(students)})")
-            if isinstance(f, bool) or not isinstance(f, int) or f < 1:
-                raise TSDKInputError(f"student_epochs_factor[{m!r}] must be a whole number >= 1, got {f!r}")
-        if isinstance(self.finetune_seeds, bool) or not isinstance(self.finetune_seeds, int) or self.finetune_seeds < 1:
-            raise TSDKInputError(f"finetune_seeds must be a whole number >= 1, got {self.finetune_seeds!r}")
+            _check_count(f"student_epochs_factor[{m!r}]", f)
+        _check_count("finetune_seeds", self.finetune_seeds)
 
     def epoch_scale(self, n_labeled: int) -> int:
         """The factor of the teacher's and the students' fine-tuning epochs for ``n_labeled`` labels."""
         if not self.iterations_like:
             return 1
         return max(1, round(self.iterations_like / max(1, int(n_labeled))))
+
+
+def _check_count(name: str, value: Any) -> None:
+    """Refuse a ``value`` that is not a whole number >= 1 (a bool is not one), naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TSDKInputError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def finetune_seed(seed: int, k: int) -> int:

@@ -32,17 +32,20 @@ class PostprocessChooser:
         output_path: where to write the choice (atomically).
         num_classes: classes including background.
         inferer: the evaluator's inferer (default: call the network).
-        dice_tolerance: how much validation Dice an option may give up for a lower HD95.
+        dice_tolerance: how much validation Dice an option may give up for a lower HD95 (default
+            :data:`~tsdk_monai.transforms.POSTPROCESS_DICE_TOLERANCE`, 0.005).
     """
 
     def __init__(self, data_loader: Any, transform: Any, output_path: str, num_classes: int, inferer: Any = None,
-                 dice_tolerance: float = 0.005) -> None:
+                 dice_tolerance: float | None = None) -> None:
+        from tsdk_monai.transforms import POSTPROCESS_DICE_TOLERANCE
+
         self.data_loader = data_loader
         self.transform = transform
         self.output_path = Path(output_path)
         self.num_classes = int(num_classes)
         self.inferer = inferer
-        self.dice_tolerance = float(dice_tolerance)
+        self.dice_tolerance = float(POSTPROCESS_DICE_TOLERANCE if dice_tolerance is None else dice_tolerance)
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Any) -> None:

@@ -12,6 +12,7 @@ from tsdk_monai.transforms.intensity import CheckLabeld, EnsureGrey, EnsureGreyd
 from tsdk_monai.transforms.io import CheckedLoadImaged
 from tsdk_monai.transforms.postprocess import (
     POSTPROCESS_CHOICES,
+    POSTPROCESS_DICE_TOLERANCE,
     ChosenPostprocessd,
     moment_ellipse,
     read_postprocess_choice,
@@ -20,7 +21,7 @@ from tsdk_monai.transforms.teacher import TeacherLabeld
 
 __all__ = [
     "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "FastAsDiscrete",
-    "FastAsDiscreted", "POSTPROCESS_CHOICES",
+    "FastAsDiscreted", "POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE",
     "SquareResized", "TeacherLabeld", "letterbox_box", "letterbox_pad", "moment_ellipse", "read_postprocess_choice",
     "source_name",
 ]

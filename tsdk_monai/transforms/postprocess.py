@@ -13,7 +13,7 @@ from monai.transforms import KeepLargestConnectedComponent, MapTransform
 
 from tsdk_monai.transforms.discrete import channel_argmax
 
-__all__ = ["POSTPROCESS_CHOICES", "ChosenPostprocessd", "moment_ellipse", "read_postprocess_choice"]
+__all__ = ["POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE", "ChosenPostprocessd", "moment_ellipse", "read_postprocess_choice"]
 
 #: the post-processings :class:`~tsdk_monai.handlers.PostprocessChooser` chooses from, simplest first, and their
 #: words in reports and model cards
@@ -22,6 +22,9 @@ POSTPROCESS_CHOICES = {
     "largest_component": "each class's largest connected component",
     "ellipse": "the moment ellipse of each class's largest connected component",
 }
+#: how much validation Dice :class:`~tsdk_monai.handlers.PostprocessChooser` lets an option give up for a lower
+#: validation HD95 (its default; the report words it)
+POSTPROCESS_DICE_TOLERANCE = 0.005
 
 
 def read_postprocess_choice(path: str | os.PathLike) -> str:
