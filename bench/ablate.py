@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         test = json.loads((Path(_arg(cmd, "--output_dir")) / "metrics.json").read_text())
         post = json.loads((Path(_arg(cmd, "--ckpt_dir")) / "postprocess.json").read_text())
         chosen = post.get("postprocess", max(post["validation_dice"], key=post["validation_dice"].get))
-        val_dice = post.get("validation_dice_chosen") or post["validation_dice"][chosen]  # per-class choices: 0.6
-        rows.append({"seed": seed, "val_dice": val_dice, "postprocess": chosen,
+        rows.append({"seed": seed, "val_dice": post["validation_dice"][chosen], "postprocess": chosen,
                      "test_dice": test["mean"]["test_mean_dice"], "test_hd95": test["mean"]["test_hd95"],
                      "per_class": test.get("per_class_mean", {}), "seconds": round(time.time() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)

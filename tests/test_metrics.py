@@ -103,12 +103,11 @@ def test_paired_bootstrap_interval():
 
 
 class _FixedLogits(torch.nn.Module):
-    """A network whose prediction is a given label map (``labels``: class k where it is k), whatever the image."""
+    """A network whose prediction is a given label map (class 1 where ``mask`` is 1), whatever the image."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int = 2) -> None:
+    def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        onehot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 0)
-        self.register_buffer("logits", onehot.float()[None] * 10)
+        self.register_buffer("logits", torch.stack([1 - mask, mask]).float()[None] * 10)
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,54 +194,6 @@ def test_postprocess_choice_files_and_old_spellings(tmp_path):
     pred = _prediction("stray_blob", label)
     out = ChosenPostprocessd("pred", num_classes=2, enabled=True, is_onehot=False)({"pred": pred[None]})["pred"]
     assert torch.equal(torch.as_tensor(out)[0], label)
-
-
-def test_each_class_gets_its_own_postprocessing(tmp_path):
-    """Two structures that want different post-processing: a ragged ellipse (class 1) gets its moment ellipse, a clean
-    rectangle (class 2, which an ellipse would round off) none; the choice is written as a list in label order, read
-    back, applied per class, worded with the class names, and scored as itself (``validation_*_chosen``)."""
-    from monai.engines import SupervisedEvaluator
-    from monai.handlers import MeanDice, from_engine
-    from monai.transforms import Activationsd, AsDiscreted, Compose
-
-    from tsdk_monai.handlers import PostprocessChooser
-    from tsdk_monai.transforms import ChosenPostprocessd, count_postprocess, describe_postprocess, read_postprocess_choice
-    from tsdk_monai.utils import TSDKInputError
-
-    label = _ellipse(shape=(48, 64), centre=(24, 20)).long()
-    label[14:34, 40:58] = 2
-    pred = label.clone()
-    pred[14:18, 19:23] = 0  # the ragged edge of "ragged" in test_postprocessing_is_chosen_on_validation
-    pred[30:34, 17:21] = 0
-    data = [{"image": torch.zeros(1, 1, 48, 64), "label": label[None, None].float()}]
-    chosen = ChosenPostprocessd("pred", num_classes=3, is_onehot=True)
-    evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=data, network=_FixedLogits(pred, 3),
-        postprocessing=Compose([Activationsd("pred", softmax=True),
-                                AsDiscreted(["pred", "label"], argmax=[True, False], to_onehot=3), chosen]),
-        key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[PostprocessChooser(data, chosen, str(tmp_path / "postprocess.json"), num_classes=3)],
-    )
-    evaluator.run()
-    record = json.loads((tmp_path / "postprocess.json").read_text())
-    assert record["postprocess"] == ["ellipse", "none"] == chosen.choice == read_postprocess_choice(tmp_path / "postprocess.json")
-    per_dice, per_hd = record["validation_dice_per_class"], record["validation_hd95_per_class"]
-    assert per_hd["ellipse"][0] < per_hd["none"][0] and per_dice["ellipse"][1] < per_dice["none"][1] - 0.005
-    # no single choice for both classes does as well: the per-class one is scored as itself
-    assert record["validation_dice_chosen"] == pytest.approx((per_dice["ellipse"][0] + per_dice["none"][1]) / 2)
-    assert record["validation_dice_chosen"] > max(record["validation_dice"].values())
-    assert evaluator.state.metrics["dice"] == pytest.approx(record["validation_dice_chosen"])
-    out = torch.as_tensor(ChosenPostprocessd("pred", 3, choice=["ellipse", "none"], is_onehot=False)(
-        {"pred": pred[None]})["pred"])[0]
-    assert torch.equal(out == 2, label == 2) and not torch.equal(out == 1, pred == 1)  # class 2 untouched, 1 redrawn
-    assert describe_postprocess(["ellipse", "none"], ["head"]) == (
-        "per class (head: its largest connected component's moment ellipse, class 2: none)")
-    assert count_postprocess(["none", ["ellipse", "none"], "none"]) == (
-        "none 2; per class (class 1: its largest connected component's moment ellipse, class 2: none) 1 of 3")
-    with pytest.raises(TSDKInputError, match="3 choices for 2 foreground classes"):
-        ChosenPostprocessd("pred", 3, choice=["none", "none", "ellipse"])
-    with pytest.raises(TSDKInputError, match="'hull'"):
-        ChosenPostprocessd("pred", 3, choice=["none", "hull"])
 
 
 def test_moment_ellipse_redraws_ellipses_and_keeps_other_classes():

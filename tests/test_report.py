@@ -91,22 +91,3 @@ def test_report_says_whether_the_synthetic_images_helped(work):
         _metrics(dirs.metrics("tskd_no_synth", k), [d + 0.1 for d in (0.8, 0.8, 0.9)[k:k + 1] * 6], 12.0)
     write_report(work, print_table=False)
     assert "the synthetic images hurt (interval below 0)" in (work / "report.md").read_text()
-
-
-def test_report_counts_each_models_postprocessing_per_class(work):
-    """The report counts the post-processing each evaluation chose on validation, a per-class choice worded with the
-    datalist's class names; a model evaluated before the choice existed (no postprocess.json) reads as none, a
-    teacher without one is not counted."""
-    layout = RunLayout(work)
-    dirs = layout.run(0, 20)
-    manifest = json.loads(layout.manifest.read_text())
-    manifest["datalist"] = str(work / "datalist.json")
-    layout.manifest.write_text(json.dumps(manifest))
-    (work / "datalist.json").write_text(json.dumps({"labels": {"0": "background", "1": "symphysis", "2": "head"}}))
-    for k, choice in enumerate(["ellipse", ["none", "ellipse"], ["none", "ellipse"]]):
-        dirs.postprocess("tskd", k).parent.mkdir(parents=True, exist_ok=True)
-        dirs.postprocess("tskd", k).write_text(json.dumps({"postprocess": choice}))
-    write_report(work, print_table=False)
-    assert ("(for each class, the lowest validation HD95 among the options within 0.005 validation Dice of the best): "
-            "none 3; the moment ellipse of each class's largest connected component 1; per class (symphysis: none, head: "
-            "its largest connected component's moment ellipse) 2 of 6.") in (work / "report.md").read_text()

@@ -131,7 +131,7 @@ def _metadata(configs: Path, rec: dict[str, Any], version: str, name: str) -> di
 
 
 def _model_card(rec: dict[str, Any], meta: dict[str, Any], name: str, data_licence: str) -> str:
-    from tsdk_monai.transforms import describe_postprocess
+    from tsdk_monai.transforms import POSTPROCESS_CHOICES
 
     m, per_class = rec["metrics"]["mean"], rec["metrics"].get("per_class_mean", {})
     rows = [f"| all classes (mean) | {m['test_mean_dice']:.3f} | "
@@ -139,7 +139,7 @@ def _model_card(rec: dict[str, Any], meta: dict[str, Any], name: str, data_licen
     for cls, dice in per_class.get("test_mean_dice", {}).items():
         hd = per_class.get("test_hd95", {}).get(cls)
         rows.append(f"| {cls} | {dice:.3f} | {'n/a' if hd is None else f'{hd:.1f}'} |")
-    t, names = meta["tsdk"], [v for k, v in rec["labels"].items() if k != "0"]
+    t = meta["tsdk"]
     return "\n".join([
         f"# {meta['name']}", "",
         f"`{name}` v{meta['version']}: a {t['student']} student ({meta['description'].split('(')[0].strip()}) trained by "
@@ -152,7 +152,7 @@ def _model_card(rec: dict[str, Any], meta: dict[str, Any], name: str, data_licen
         "## Results (held-out test split)", "", "| class | Dice | HD95 (px) |", "|---|---:|---:|", *rows, "",
         f"Measured by the bundle's `evaluate.json` at the images' own size (seed {t['seed']}); HD95 in pixels, a class "
         "missed or invented in an image scored as the image diagonal. Post-processing (chosen on the validation split, "
-        f"`postprocess` in `inference.json`): {describe_postprocess(t['postprocess'], names)}.", "",
+        f"`postprocess` in `inference.json`): {POSTPROCESS_CHOICES[t['postprocess']]}.", "",
         "## Limitations", "",
         f"- Trained at {t['image_size']} px on one data set with few labels: expect lower accuracy on other scanners, "
         "protocols and populations; check it on your data before any use.",

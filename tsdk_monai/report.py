@@ -21,7 +21,7 @@ import numpy as np
 from tsdk_monai.layout import RunDirs, RunLayout
 from tsdk_monai.metrics.grid import quality_summary
 from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
-from tsdk_monai.transforms import POSTPROCESS_DICE_TOLERANCE, count_postprocess, read_postprocess_choice
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, POSTPROCESS_DICE_TOLERANCE, read_postprocess_choice
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
@@ -172,15 +172,15 @@ def _teacher_history(manifest: dict[str, Any]) -> dict[tuple[int, int], list[dic
 
 
 # --------------------------------------------------------------------------------------------------- report
-def _postprocess_line(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
+def _postprocess_line(rows: list[dict[str, Any]]) -> str:
     """How many evaluations (students' and teachers') chose each post-processing on the validation split."""
-    chosen = [r["postprocess"] for row in rows for r in row["runs"] if r.get("postprocess")]
-    datalist = Path(manifest["datalist"])
-    labels = read_json(datalist, "not found", "not valid JSON").get("labels", {}) if datalist.is_file() else {}
-    names = [v for k, v in sorted(labels.items(), key=lambda kv: int(kv[0])) if str(k) != "0"]
-    return ("Post-processing of each model, chosen on the validation split before the test was scored (for each "
-            f"class, the lowest validation HD95 among the options within {POSTPROCESS_DICE_TOLERANCE} validation Dice "
-            f"of the best): {count_postprocess(chosen, names)}.") if chosen else ""
+    chosen = Counter(r["postprocess"] for row in rows for r in row["runs"] if r.get("postprocess"))
+    if not chosen:
+        return ""
+    return ("Post-processing of each model, chosen on the validation split before the test was scored (the lowest "
+            f"validation HD95 among the options within {POSTPROCESS_DICE_TOLERANCE} validation Dice of the best): "
+            + "; ".join(f"{text} {chosen[c]}" for c, text in POSTPROCESS_CHOICES.items() if chosen[c])
+            + f" of {sum(chosen.values())}.")
 
 
 def _synthesis_section(w: Path, manifest: dict[str, Any], comparisons: list[dict[str, Any]]) -> list[str]:
@@ -299,7 +299,7 @@ def write_report(workdir: str | Path, print_table: bool = True) -> str:
         "mean over seeds: the compute budget of the row (every fine-tuning seed included). Test HD95: 95th-percentile "
         "Hausdorff distance in pixels of the original image, mean over the test cases and classes; a class missed in an "
         "image that has it, or predicted in one that has not, counts as the image diagonal (not left out). "
-        + _postprocess_line(rows, manifest),
+        + _postprocess_line(rows),
         "",
         "## Dice vs number of labels",
         "",

@@ -14,16 +14,14 @@ from tsdk_monai.transforms.postprocess import (
     POSTPROCESS_CHOICES,
     POSTPROCESS_DICE_TOLERANCE,
     ChosenPostprocessd,
-    count_postprocess,
-    describe_postprocess,
     moment_ellipse,
     read_postprocess_choice,
 )
 from tsdk_monai.transforms.teacher import TeacherLabeld
 
 __all__ = [
-    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "count_postprocess", "describe_postprocess", "EnsureGrey",
-    "EnsureGreyd", "FastAsDiscrete", "FastAsDiscreted", "POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE",
+    "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "FastAsDiscrete",
+    "FastAsDiscreted", "POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE",
     "SquareResized", "TeacherLabeld", "letterbox_box", "letterbox_pad", "moment_ellipse", "read_postprocess_choice",
     "source_name",
 ]
