@@ -16,7 +16,8 @@ twice as long as the distilled students, chosen on validation; the afternoon's t
 run again, ~114 stage minutes), test Dice 20 / 80 labels, mean of the 3 fine-tunings: teacher 0.824 / 0.871 (its
 post-processing chosen on validation, teacher bundle 0.5), scratch 0.769 / 0.800, task-agnostic KD 0.734 / 0.789,
 MAE 0.738 / 0.784, MoCo v3 0.750 / 0.789, TS-KD without synthesis 0.844 / 0.881, TS-KD 0.847 / 0.873 (TS-KD minus
-scratch +0.078 [+0.065, +0.092] / +0.074 [+0.063, +0.085]).
+scratch +0.078 [+0.065, +0.092] / +0.074 [+0.063, +0.085]). A fresh run of this command into an empty ``--work``
+folder gave the same table to the last digit in 124.6 stage minutes (126.7 wall; ~3 of them another job's).
 
 Afternoon (2026-12-07, the CPU schedule then: the teacher's LoRA of rank 16 on every encoder linear layer, 480
 iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4, every student fine-tuned
