@@ -52,8 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # the fine-tuning's length, chosen per method on the validation split too (PSFHS, seed 0, mean validation Dice
         # of 3 fine-tunings, 1x / 2x the epochs): a student from scratch or from label-free features is far from
         # converged after the distilled students' 80-96 iterations (scratch 0.671 / 0.712 at 20 labels, MoCo v3 0.663
-        # / 0.699), while a distilled one does not gain (TS-KD 0.817 / 0.813, 0.848 / 0.847 at 80); 3x is better still for
-        # scratch (0.730) but does not fit the 2 hours
+        # / 0.699), while a distilled one does not gain (TS-KD 0.817 / 0.813, 0.848 / 0.847 at 80); 3x is better
+        # still for scratch (0.730) but does not fit the 2 hours
         student_epochs_factor={m: 2 for m in ("scratch", "task_agnostic_kd", "mae", "mocov3")},
     ),
     # paper scale, for a GPU machine
