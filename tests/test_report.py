@@ -91,3 +91,19 @@ def test_report_says_whether_the_synthetic_images_helped(work):
         _metrics(dirs.metrics("tskd_no_synth", k), [d + 0.1 for d in (0.8, 0.8, 0.9)[k:k + 1] * 6], 12.0)
     write_report(work, print_table=False)
     assert "the synthetic images hurt (interval below 0)" in (work / "report.md").read_text()
+
+
+def test_report_words_the_tolerance_each_choice_was_made_with(work):
+    """The post-processing line counts the choices and states the Dice tolerance recorded in each postprocess.json."""
+    dirs = RunLayout(work).run(0, 20)
+    for m, k, choice, tolerance in [("teacher", 0, "ellipse", 0.01), ("scratch", 0, "none", 0.01),
+                                    ("scratch", 1, "largest_component", 0.02), ("scratch", 2, "ellipse", None)]:
+        record = {"postprocess": choice, **({"dice_tolerance": tolerance} if tolerance is not None else {})}
+        dirs.postprocess(m, k).parent.mkdir(parents=True, exist_ok=True)
+        dirs.postprocess(m, k).write_text(json.dumps(record))  # tskd: no file, read as none (evaluated before 0.5)
+    write_report(work, print_table=False)
+    md = (work / "report.md").read_text()
+    # a file without the record is a tolerance of the default (0.005)
+    assert ("(the lowest validation HD95 among the options within 0.005 / 0.01 / 0.02 validation Dice of the best): "
+            "none 4; each class's largest connected component 1; the moment ellipse of each class's largest connected "
+            "component 2 of 7.") in md, md

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.transforms import LoadImage
 
-from helpers import run_bundle, verify_metadata
+from helpers import BUNDLES, run_bundle, verify_metadata
 from tsdk_monai.handlers import latest_checkpoint
 from tsdk_monai.networks import (
     LoRASegTeacher,
@@ -19,7 +20,7 @@ from tsdk_monai.networks import (
     read_teacher_config,
     save_teacher,
 )
-from tsdk_monai.transforms import POSTPROCESS_CHOICES, CheckLabeld, EnsureGreyd
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, CheckLabeld, ChosenPostprocessd, EnsureGreyd
 from tsdk_monai.utils import TSDKInputError
 
 SIZE = 64  # LiteMedSAM runs at any multiple of 64; its native 256 costs ~2 s per image on these CPUs
@@ -286,6 +287,36 @@ def test_bundle_train_resume_evaluate_infer(demo_datalist, tmp_path):
 
     seg = np.array(Image.open(segs[0]))
     assert seg.shape == (64, 64) and set(np.unique(seg)) <= {0, 1}
+    # the post-processing chosen on validation, read from a postprocess.json as the driver's overlay stage passes it
+    # (this 2-iteration teacher may predict nothing: test_inference_applies_the_chosen_postprocessing checks the effect)
+    (tmp_path / "chose.json").write_text(json.dumps({"postprocess": "ellipse"}))
+    run_bundle("tsdk_teacher", ["inference.json"], dict(common, output_dir=str(tmp_path / "post"),
+                                                        postprocess=str(tmp_path / "chose.json")))
+    ellipse, read = ChosenPostprocessd("pred", 2, choice="ellipse", is_onehot=False), LoadImage(image_only=True)
+    for plain in segs:  # read as the pipeline reads images (x first), so the ellipse is fitted to the same array
+        got, pred = np.asarray(read(tmp_path / "post" / plain.name)), read(plain).as_tensor().float()[None]
+        np.testing.assert_array_equal(got, ellipse({"pred": pred})["pred"][0].numpy(), err_msg=plain.name)
+
+
+def test_inference_applies_the_chosen_postprocessing(tmp_path):
+    """inference.json's postprocessing (before it saves) applies the choice a postprocess.json names: a disc with a
+    ragged edge and a stray blob becomes the moment ellipse of the disc."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    (tmp_path / "chose.json").write_text(json.dumps({"postprocess": "ellipse"}))
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "tsdk_teacher" / "configs" / "inference.json"))
+    parser.update({"num_classes": 2, "postprocess": str(tmp_path / "chose.json")})  # num_classes: the saved teacher's
+    steps = parser.get_parsed_content("postprocessing").transforms
+    assert type(steps[-1]).__name__ == "SaveImaged"
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    fg = ((yy - 20) ** 2 + (xx - 22) ** 2 < 100) & ((yy + xx) % 5 != 0) | ((yy > 40) & (xx > 40))
+    logits = torch.stack([(~fg).float(), fg.float()]) * 4.0
+    got = Compose(steps[:-1])({"pred": logits})["pred"]
+    plain = fg[None].float()
+    want = ChosenPostprocessd("pred", 2, choice="ellipse", is_onehot=False)({"pred": plain})["pred"]
+    assert torch.equal(torch.as_tensor(got), want) and not torch.equal(want, plain)
 
 
 def test_full_finetune_save_load(tmp_path):

@@ -69,8 +69,7 @@ def _finetune_count(manifest: dict[str, Any]) -> int:
 
 
 def _finetunes(manifest: dict[str, Any], method: str) -> range:
-    """The fine-tuning seeds ``k`` a method's rows have (:func:`_finetune_count` for a student, one for the
-    teacher)."""
+    """The fine-tuning seeds ``k`` a method's rows have (:func:`_finetune_count`; one for the teacher)."""
     return range(1 if method == "teacher" else _finetune_count(manifest))
 
 
@@ -112,9 +111,7 @@ def _stage_seconds(layout: RunLayout, names: Sequence[str]) -> float | None:
     total = 0.0
     for n in names:
         f = layout.marker(n)
-        if not f.is_file():
-            return None
-        rec = json.loads(f.read_text())
+        rec = json.loads(f.read_text()) if f.is_file() else {"state": "not started"}
         if rec.get("state", "done") != "done":
             return None
         total += float(rec.get("seconds", 0.0))
@@ -141,9 +138,9 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                     res = _metrics(dirs.metrics(m, k))
                     if res is not None:
                         post = dirs.postprocess(m, k)  # a teacher evaluated before bundle 0.5 chose none
-                        post = read_postprocess_choice(post) if m != "teacher" or post.is_file() else None
-                        per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1],
-                                         "seconds": secs if k == 0 else None, "postprocess": post})
+                        post, tol = read_postprocess_choice(post, True) if m != "teacher" or post.is_file() else [None] * 2
+                        per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1], "seconds": secs
+                                         if k == 0 else None, "postprocess": post, "dice_tolerance": tol})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})
     return rows
 
@@ -174,11 +171,14 @@ def _teacher_history(manifest: dict[str, Any]) -> dict[tuple[int, int], list[dic
 # --------------------------------------------------------------------------------------------------- report
 def _postprocess_line(rows: list[dict[str, Any]]) -> str:
     """How many evaluations (students' and teachers') chose each post-processing on the validation split."""
-    chosen = Counter(r["postprocess"] for row in rows for r in row["runs"] if r.get("postprocess"))
+    runs = [r for row in rows for r in row["runs"] if r.get("postprocess")]
+    chosen = Counter(r["postprocess"] for r in runs)
     if not chosen:
         return ""
+    recorded = {POSTPROCESS_DICE_TOLERANCE if r.get("dice_tolerance") is None else r["dice_tolerance"] for r in runs}
+    tolerance = " / ".join(f"{t:g}" for t in sorted(recorded))  # a file of bundle 0.4 records none: the default
     return ("Post-processing of each model, chosen on the validation split before the test was scored (the lowest "
-            f"validation HD95 among the options within {POSTPROCESS_DICE_TOLERANCE} validation Dice of the best): "
+            f"validation HD95 among the options within {tolerance} validation Dice of the best): "
             + "; ".join(f"{text} {chosen[c]}" for c, text in POSTPROCESS_CHOICES.items() if chosen[c])
             + f" of {sum(chosen.values())}.")
 

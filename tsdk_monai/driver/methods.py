@@ -235,14 +235,16 @@ def overlay_stages(dirs: RunDirs, methods: list[str], s: Schedule, num_classes: 
                    prefix: str = "") -> dict[str, Stage]:
     """Inference of the teacher and of each student of one run on ``datalist``'s test split (the report's figure).
 
-    The bundles' own ``inference.json`` with their preprocessing, inferer and postprocessing; predictions are saved as
-    NIfTI in ``dirs.overlay(method)``. Returns method -> stage.
+    The bundles' own ``inference.json`` with their preprocessing, inferer and postprocessing, and the post-processing
+    each model chose on the validation split (its ``postprocess.json``: the figure shows what the test scored);
+    predictions are saved as NIfTI in ``dirs.overlay(method)``. Returns method -> stage.
     """
     datalist = Path(datalist).absolute()
     out: dict[str, Stage] = {}
     for m in methods:
         o = dirs.overlay(m)
-        common = {"output_dir": str(o), "output_ext": ".nii.gz", **geometry_of(s)}
+        common = {"output_dir": str(o), "output_ext": ".nii.gz", "postprocess": str(dirs.postprocess(m)),
+                  **geometry_of(s)}
         if m == "teacher":
             out[m] = Stage(f"{prefix}teacher_overlay", "tsdk_teacher", ["inference.json"], {
                 "dataset_dir": str(datalist.parent), "datalist": str(datalist), "infer_split": "test",

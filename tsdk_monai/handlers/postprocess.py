@@ -59,26 +59,26 @@ class PostprocessChooser:
         from monai.transforms import AsDiscrete
 
         from tsdk_monai.metrics import MissAwareHausdorffDistanceMetric
-        from tsdk_monai.transforms import POSTPROCESS_CHOICES, ChosenPostprocessd, FastAsDiscrete
+        from tsdk_monai.transforms import POSTPROCESS_CHOICES, ChosenPostprocessd
+        from tsdk_monai.transforms.discrete import channel_argmax
         from tsdk_monai.utils import atomic_write_json
 
         net = engine.network
         net.eval()
-        predicted = FastAsDiscrete(argmax=True, to_onehot=self.num_classes)
         onehot = AsDiscrete(to_onehot=self.num_classes)
-        options = {c: ChosenPostprocessd("pred", self.num_classes, choice=c, is_onehot=True)
-                   for c in POSTPROCESS_CHOICES}
-        dice = {c: DiceMetric(include_background=False, ignore_empty=True) for c in options}
-        hd95 = {c: MissAwareHausdorffDistanceMetric(include_background=False, percentile=95) for c in options}
+        post = ChosenPostprocessd("pred", self.num_classes)
+        dice = {c: DiceMetric(include_background=False, ignore_empty=True) for c in POSTPROCESS_CHOICES}
+        hd95 = {c: MissAwareHausdorffDistanceMetric(include_background=False, percentile=95)
+                for c in POSTPROCESS_CHOICES}
         cases = 0
         for batch in self.data_loader:
             image, label = batch["image"].to(next(net.parameters()).device), batch["label"]
             logits = self.inferer(image, net) if self.inferer is not None else net(image)
             for p, y in zip(logits.cpu(), label):
-                pred, y = predicted(p), onehot(y)[None]
+                outs, y = post.every_choice(channel_argmax(p)), onehot(y)[None]
                 scored: list[tuple[torch.Tensor, Any, Any]] = []  # HD95 costs: an output seen before reuses its scores
-                for c, post in options.items():
-                    out = post({"pred": pred})["pred"][None]
+                for c in POSTPROCESS_CHOICES:
+                    out = onehot(outs[c])[None]
                     seen = next((s for s in scored if torch.equal(s[0], out)), None)
                     if seen is None:
                         seen = (out, dice[c](out, y), hd95[c](out, y))
@@ -90,9 +90,9 @@ class PostprocessChooser:
         if cases == 0:
             raise ValueError("PostprocessChooser: the validation split is empty; nothing to choose the post-processing on")
         scores = {c: {"dice": float(dice[c].aggregate().item()), "hd95": float(hd95[c].aggregate().item())}
-                  for c in options}
+                  for c in POSTPROCESS_CHOICES}
         best = max(s["dice"] for s in scores.values())
-        eligible = [c for c in options if scores[c]["dice"] >= best - self.dice_tolerance]
+        eligible = [c for c in POSTPROCESS_CHOICES if scores[c]["dice"] >= best - self.dice_tolerance]
         # min keeps the first (the simplest) on a tie
         self.transform.choice = min(eligible, key=lambda c: scores[c]["hd95"])
         atomic_write_json(self.output_path, {

@@ -27,21 +27,23 @@ POSTPROCESS_CHOICES = {
 POSTPROCESS_DICE_TOLERANCE = 0.005
 
 
-def read_postprocess_choice(path: str | os.PathLike) -> str:
+def read_postprocess_choice(path: str | os.PathLike, with_tolerance: bool = False) -> Any:
     """The post-processing that ``postprocess.json`` (written by :class:`~tsdk_monai.handlers.PostprocessChooser`)
     chose, one of :data:`POSTPROCESS_CHOICES`; ``"none"`` when the file is absent (a model evaluated before the choice
-    existed). A file of tsdk-monai 0.2 (``keep_largest_component`` only) reads as ``largest_component`` or ``none``."""
+    existed). A file of tsdk-monai 0.2 (``keep_largest_component`` only) reads as ``largest_component`` or ``none``.
+    ``with_tolerance``: ``(choice, the dice_tolerance it was chosen with or None when not recorded)``."""
     from tsdk_monai.utils import TSDKInputError, read_json
 
     if not os.path.isfile(path):
-        return "none"
+        return ("none", None) if with_tolerance else "none"
     record = read_json(path, "not found", "not valid JSON")
     if "postprocess" not in record and "keep_largest_component" in record:
-        return "largest_component" if record["keep_largest_component"] else "none"
-    choice = record.get("postprocess")
+        choice = "largest_component" if record["keep_largest_component"] else "none"
+    else:
+        choice = record.get("postprocess")
     if choice not in POSTPROCESS_CHOICES:
         raise TSDKInputError(f"{path}: postprocess is {choice!r}, not one of {', '.join(POSTPROCESS_CHOICES)}")
-    return choice
+    return (choice, record.get("dice_tolerance")) if with_tolerance else choice
 
 
 def moment_ellipse(mask: torch.Tensor) -> torch.Tensor:
@@ -103,20 +105,24 @@ class ChosenPostprocessd(MapTransform):
         self.lcc = KeepLargestConnectedComponent(applied_labels=list(range(1, self.num_classes)), is_onehot=False,
                                                  independent=True)
 
-    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """``largest_component`` / ``ellipse`` of an argmaxed label map (1, *spatial)."""
-        kept = self.lcc(labels)
-        kept = kept.as_tensor() if isinstance(kept, MetaTensor) else torch.as_tensor(kept)
-        if self.choice == "largest_component":
-            return kept
-        out = kept.clone()
-        for c in range(1, self.num_classes):
-            own = kept[0] == c
-            if not own.any():
-                continue
-            shape = moment_ellipse(own)
-            out[0][own & ~shape] = 0
-            out[0][shape & (out[0] == 0)] = c
+    def every_choice(self, labels: torch.Tensor, choices: Sequence[str] = tuple(POSTPROCESS_CHOICES)
+                     ) -> dict[str, torch.Tensor]:
+        """``choices`` applied to an argmaxed label map (1, *spatial), the largest components found once (the chooser
+        scores every option on each validation image)."""
+        out = {"none": labels}
+        if set(choices) - {"none"}:
+            kept = self.lcc(labels.clone())  # MONAI's step zeroes the other components in place
+            kept = kept.as_tensor() if isinstance(kept, MetaTensor) else torch.as_tensor(kept)
+            out["largest_component"] = kept
+        if "ellipse" in choices:
+            out["ellipse"] = shaped = kept.clone()
+            for c in range(1, self.num_classes):
+                own = kept[0] == c
+                if not own.any():
+                    continue
+                shape = moment_ellipse(own)
+                shaped[0][own & ~shape] = 0
+                shaped[0][shape & (shaped[0] == 0)] = c
         return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Any:
@@ -127,7 +133,8 @@ class ChosenPostprocessd(MapTransform):
             pred = d[key]
             values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
             onehot = self.is_onehot if self.is_onehot is not None else values.shape[0] > 1
-            out = self._labels(channel_argmax(values) if onehot else values.round().long())
+            labels = channel_argmax(values) if onehot else values.round().long()
+            out = self.every_choice(labels, (self.choice,))[self.choice]
             if onehot:
                 out = torch.nn.functional.one_hot(out[0], values.shape[0]).movedim(-1, 0)
             out = out.to(values.dtype)
