@@ -17,7 +17,9 @@ run again, ~114 stage minutes), test Dice 20 / 80 labels, mean of the 3 fine-tun
 post-processing chosen on validation, teacher bundle 0.5), scratch 0.769 / 0.800, task-agnostic KD 0.734 / 0.789,
 MAE 0.738 / 0.784, MoCo v3 0.750 / 0.789, TS-KD without synthesis 0.844 / 0.881, TS-KD 0.847 / 0.873 (TS-KD minus
 scratch +0.078 [+0.065, +0.092] / +0.074 [+0.063, +0.085]). A fresh run of this command into an empty ``--work``
-folder gave the same table to the last digit in 124.6 stage minutes (126.7 wall; ~3 of them another job's).
+folder gave the same table to the last digit in 124.6 stage minutes (126.7 wall; ~3 of them another job's). A second
+fresh run the same night gave the same metrics again for the 19 evaluations it reached, but the same stages took 0.7x
+to 1.6x as long as in the first (the VM's speed drifts): at the afternoon's speed the table is ~103 stage minutes.
 
 Afternoon (2026-12-07, the CPU schedule then: the teacher's LoRA of rank 16 on every encoder linear layer, 480
 iterations with a cosine decay, bfloat16, 4 distillation epochs, TS-KD fine-tuned at 3e-4, every student fine-tuned
