@@ -21,7 +21,7 @@ import numpy as np
 from tsdk_monai.layout import RunDirs, RunLayout
 from tsdk_monai.metrics.grid import quality_summary
 from tsdk_monai.report_plots import plot_dice, plot_overlays, plot_teacher
-from tsdk_monai.transforms import POSTPROCESS_CHOICES, POSTPROCESS_DICE_TOLERANCE, read_postprocess_choice
+from tsdk_monai.transforms import POSTPROCESS_CHOICES, POSTPROCESS_DICE_TOLERANCE, read_postprocess_record
 from tsdk_monai.utils import TSDKInputError, atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["METHOD_LABELS", "collect_results", "compare_to", "write_report"]
@@ -138,7 +138,7 @@ def collect_results(workdir: Path, manifest: dict[str, Any] | None = None) -> li
                     res = _metrics(dirs.metrics(m, k))
                     if res is not None:
                         post = dirs.postprocess(m, k)  # a teacher evaluated before bundle 0.5 chose none
-                        post, tol = read_postprocess_choice(post, True) if m != "teacher" or post.is_file() else [None] * 2
+                        post, tol = read_postprocess_record(post) if m != "teacher" or post.is_file() else (None, None)
                         per_seed.append({"seed": seed, "finetune": k, "dice": res[0], "hd95": res[1], "seconds": secs
                                          if k == 0 else None, "postprocess": post, "dice_tolerance": tol})
             rows.append({"method": m, "n_labeled": n, "runs": per_seed, **_summary(per_seed)})

@@ -78,10 +78,10 @@ class PostprocessChooser:
                 outs, y = post.every_choice(channel_argmax(p)), onehot(y)[None]
                 scored: list[tuple[torch.Tensor, Any, Any]] = []  # HD95 costs: an output seen before reuses its scores
                 for c in POSTPROCESS_CHOICES:
-                    out = onehot(outs[c])[None]
-                    seen = next((s for s in scored if torch.equal(s[0], out)), None)
+                    seen = next((s for s in scored if torch.equal(s[0], outs[c])), None)
                     if seen is None:
-                        seen = (out, dice[c](out, y), hd95[c](out, y))
+                        out = onehot(outs[c])[None]
+                        seen = (outs[c], dice[c](out, y), hd95[c](out, y))
                         scored.append(seen)
                     else:
                         dice[c].extend(seen[1])

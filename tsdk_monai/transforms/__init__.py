@@ -16,6 +16,7 @@ from tsdk_monai.transforms.postprocess import (
     ChosenPostprocessd,
     moment_ellipse,
     read_postprocess_choice,
+    read_postprocess_record,
 )
 from tsdk_monai.transforms.teacher import TeacherLabeld
 
@@ -23,5 +24,6 @@ __all__ = [
     "CheckedLoadImaged", "CheckLabeld", "ChosenPostprocessd", "EnsureGrey", "EnsureGreyd", "FastAsDiscrete",
     "FastAsDiscreted", "POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE",
     "SquareResized", "TeacherLabeld", "letterbox_box", "letterbox_pad", "moment_ellipse", "read_postprocess_choice",
+    "read_postprocess_record",
     "source_name",
 ]

@@ -13,7 +13,8 @@ from monai.transforms import KeepLargestConnectedComponent, MapTransform
 
 from tsdk_monai.transforms.discrete import channel_argmax
 
-__all__ = ["POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE", "ChosenPostprocessd", "moment_ellipse", "read_postprocess_choice"]
+__all__ = ["POSTPROCESS_CHOICES", "POSTPROCESS_DICE_TOLERANCE", "ChosenPostprocessd", "moment_ellipse", "read_postprocess_choice",
+           "read_postprocess_record"]
 
 #: the post-processings :class:`~tsdk_monai.handlers.PostprocessChooser` chooses from, simplest first, and their
 #: words in reports and model cards
@@ -27,15 +28,16 @@ POSTPROCESS_CHOICES = {
 POSTPROCESS_DICE_TOLERANCE = 0.005
 
 
-def read_postprocess_choice(path: str | os.PathLike, with_tolerance: bool = False) -> Any:
-    """The post-processing that ``postprocess.json`` (written by :class:`~tsdk_monai.handlers.PostprocessChooser`)
-    chose, one of :data:`POSTPROCESS_CHOICES`; ``"none"`` when the file is absent (a model evaluated before the choice
-    existed). A file of tsdk-monai 0.2 (``keep_largest_component`` only) reads as ``largest_component`` or ``none``.
-    ``with_tolerance``: ``(choice, the dice_tolerance it was chosen with or None when not recorded)``."""
+def read_postprocess_record(path: str | os.PathLike) -> tuple[str, float | None]:
+    """``(choice, dice_tolerance)`` of a ``postprocess.json`` (written by
+    :class:`~tsdk_monai.handlers.PostprocessChooser`): one of :data:`POSTPROCESS_CHOICES`, and the Dice tolerance it was
+    chosen with (None when not recorded); ``("none", None)`` when the file is absent (a model evaluated before the
+    choice existed). A file of tsdk-monai 0.2 (``keep_largest_component`` only) reads as ``largest_component`` or
+    ``none``."""
     from tsdk_monai.utils import TSDKInputError, read_json
 
     if not os.path.isfile(path):
-        return ("none", None) if with_tolerance else "none"
+        return "none", None
     record = read_json(path, "not found", "not valid JSON")
     if "postprocess" not in record and "keep_largest_component" in record:
         choice = "largest_component" if record["keep_largest_component"] else "none"
@@ -43,7 +45,12 @@ def read_postprocess_choice(path: str | os.PathLike, with_tolerance: bool = Fals
         choice = record.get("postprocess")
     if choice not in POSTPROCESS_CHOICES:
         raise TSDKInputError(f"{path}: postprocess is {choice!r}, not one of {', '.join(POSTPROCESS_CHOICES)}")
-    return (choice, record.get("dice_tolerance")) if with_tolerance else choice
+    return choice, record.get("dice_tolerance")
+
+
+def read_postprocess_choice(path: str | os.PathLike) -> str:
+    """The post-processing a ``postprocess.json`` chose (:func:`read_postprocess_record`'s choice)."""
+    return read_postprocess_record(path)[0]
 
 
 def moment_ellipse(mask: torch.Tensor) -> torch.Tensor:
