@@ -205,6 +205,15 @@ def test_teachers_and_students_speak_one_protocol(teacher):
     torch.testing.assert_close(both["features"], ref_feats)
     torch.testing.assert_close(teacher_targets(teacher, x, False, True)["features"], teacher.forward_features(x))
     assert set(teacher_targets(teacher, x, True, False)) == {"logits"}
+    from monai.data import MetaTensor
+
+    seen = []
+    hook = teacher.register_forward_pre_hook(lambda _m, args: seen.append(type(args[0])))
+    try:  # a MetaTensor batch reaches the teacher as a plain tensor (the targets need no metadata; faster)
+        torch.testing.assert_close(teacher_targets(teacher, MetaTensor(x), True, False)["logits"], ref_logits)
+    finally:
+        hook.remove()
+    assert seen == [torch.Tensor]
     student = build_student("unet_small", img_size=64).eval()
     s_logits, s_feats = student.forward_with_features(x)
     out = FeatureInferer(True)(x, student)

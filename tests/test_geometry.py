@@ -69,6 +69,30 @@ def test_inferer_feeds_the_training_geometry_and_undoes_it(shape):
     assert float((out - img).abs().max()) < 0.05  # no padding (0) leaks into the image's own pixels
 
 
+@pytest.mark.parametrize("keep_aspect", [False, True])
+def test_inferer_runs_the_network_on_a_plain_tensor_and_keeps_the_metadata(keep_aspect):
+    """A MetaTensor batch reaches the network as a plain tensor (every op on a MetaTensor pays for its metadata) and
+    the logits come back a MetaTensor with the batch's metadata, equal to the network's run on the MetaTensor."""
+    from monai.data import MetaTensor
+
+    img = MetaTensor(torch.rand(1, 1, 40, 24), meta={"filename_or_obj": "a.png"}, applied_operations=[{"op": 1}])
+    img.is_batch = True
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    seen = []
+
+    def network(x):
+        seen.append(type(x))
+        return net(x)
+
+    inferer = ResizeSliceInferer(16, keep_aspect=keep_aspect)
+    out = inferer(img, network)
+    assert seen == [torch.Tensor]
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "a.png" and out.is_batch
+    assert out.applied_operations == img.applied_operations
+    torch.testing.assert_close(out.as_tensor(), inferer(img, net).as_tensor())  # the same values as before
+    assert type(inferer(img.as_tensor(), network)) is torch.Tensor
+
+
 def test_inferer_letterboxes_3d_slices_and_rejects_a_non_square_size():
     vol = torch.rand(1, 1, 40, 24, 3)
     out = ResizeSliceInferer(16, keep_aspect=True)(vol, lambda x: torch.cat([x, 1 - x], 1))

@@ -8,13 +8,25 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SliceInferer
+from monai.utils import convert_to_dst_type
 
 from tsdk_monai.engines.amp import autocast
 from tsdk_monai.transforms.geometry import letterbox_box, letterbox_pad
 from tsdk_monai.utils import unwrap
 
-__all__ = ["ResizeSliceInferer", "FeatureInferer", "AutocastInferer"]
+__all__ = ["ResizeSliceInferer", "FeatureInferer", "AutocastInferer", "plain"]
+
+
+def plain(x: torch.Tensor) -> tuple[torch.Tensor, MetaTensor | None]:
+    """``x`` as a plain tensor for a network, and (for a ``MetaTensor``) an empty one holding its metadata, to put back
+    on the output with ``convert_to_dst_type`` (MONAI's ``sliding_window_inference`` does the same): every operation
+    of a network on a ``MetaTensor`` goes through its ``__torch_function__``, which made a 128-px forward at batch 1
+    ~25% slower for the student and 12-24% slower for the LiteMedSAM teacher (same kernels, same outputs)."""
+    if not isinstance(x, MetaTensor):
+        return x, None
+    return x.as_tensor(), MetaTensor([]).copy_meta_from(x, copy_attr=False)
 
 
 class ResizeSliceInferer(Inferer):
@@ -54,14 +66,16 @@ class ResizeSliceInferer(Inferer):
 
     def _resized(self, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(x: torch.Tensor) -> torch.Tensor:
+            x, meta = plain(x)
             size = tuple(x.shape[-2:])
             if not self.keep_aspect:
-                out = network(self._resize(x, self.image_size, self.antialias), *args, **kwargs)
-                return self._resize(out, size)
-            side = self.image_size[0]
-            box = h, w, top, left = letterbox_box(size[0], size[1], side)
-            out = network(letterbox_pad(self._resize(x, (h, w), self.antialias), box, side), *args, **kwargs)
-            return self._resize(out[..., top:top + h, left:left + w], size)
+                out = self._resize(network(self._resize(x, self.image_size, self.antialias), *args, **kwargs), size)
+            else:
+                side = self.image_size[0]
+                box = h, w, top, left = letterbox_box(size[0], size[1], side)
+                out = network(letterbox_pad(self._resize(x, (h, w), self.antialias), box, side), *args, **kwargs)
+                out = self._resize(out[..., top:top + h, left:left + w], size)
+            return out if meta is None else convert_to_dst_type(out, meta)[0]
 
         return run
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 from monai.utils import CommonKeys as Keys
 
@@ -62,6 +63,7 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, logits: bool, features:
         raise ValueError("the loss needs neither teacher logits nor teacher features")
     if teacher.training:  # (re-entering eval mode makes TinyViT recompute its cached attention biases)
         teacher.eval()
+    x = x.as_tensor() if isinstance(x, MetaTensor) else x  # the targets need no metadata (inferers.plain: faster)
     inner = unwrap(teacher)
     if logits and features:
         out = dict(zip((LOGITS, FEATURES), inner.forward_with_features(x)))
