@@ -70,6 +70,13 @@ from tsdk_monai.driver import METHODS, PRESETS, Schedule, run_methods  # noqa: E
 CPU, FULL, SMOKE = PRESETS["cpu"], PRESETS["full"], PRESETS["smoke"]
 
 
+def labelled_pool(ns: list[int], default_n: str) -> int:
+    """How many cases the split labels, the pool that every number of labels draws its cases from: the largest of
+    ``ns`` and of the schedule's default numbers ``default_n``, so that ``--n-labeled 20`` labels the same 20 cases as
+    the table's ``--n-labeled 20,80`` (the subsets of one pool are nested; a pool of 20 would be drawn anew)."""
+    return max([*ns, *(int(n) for n in default_n.split(","))])
+
+
 def _subset(data: Path, work: Path, limit: int) -> tuple[Path, Path]:
     """Links to the first ``limit`` image/label pairs of HC18 (by file name), for smoke runs."""
     out = work / "source"
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> str:
     sizes.keep_aspect = args.keep_aspect
     for bundle, knobs in (args.extra or {}).items():
         sizes.extra = {**sizes.extra, bundle: {**sizes.extra.get(bundle, {}), **knobs}}
-    n_labeled = args.n_labeled or ("20,40,80" if args.full else "4,8" if args.smoke else "20,80")
+    default_n = "20,40,80" if args.full else "4,8" if args.smoke else "20,80"
+    n_labeled = args.n_labeled or default_n
     seeds = args.seeds or ("0,1,2" if args.full else "0")
     ns = [int(n) for n in str(n_labeled).split(",")]
     if not (args.data / "images").is_dir():
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> str:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     images, labels = (args.data / "images", args.data / "labels") if args.limit is None else _subset(args.data, work, args.limit)
-    datalist = prepare(str(images), str(labels), str(work / "data"), n_labeled=max(ns), seed=0,
-                       **DATASETS[args.dataset]["prepare"])
+    datalist = prepare(str(images), str(labels), str(work / "data"), n_labeled=labelled_pool(ns, default_n),
+                       seed=0, **DATASETS[args.dataset]["prepare"])
     print(f"split: {datalist} ({time.time() - t0:.0f} s); schedule: "
           f"{'full (GPU)' if args.full else 'smoke' if args.smoke else 'CPU default'}; n_labeled {n_labeled}; "
           f"seeds {seeds}; threads {os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)

@@ -432,16 +432,22 @@ def test_changed_package_code_reruns_the_stage(demo_datalist, tmp_path):
     assert "[redo] scratch_finetune: command, configs, inputs or code changed" in out and out.strip().endswith("RAN"), out
 
 
-def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
-    """`tsdk run --preset cpu` plans the bench's stages (same commands, so the same hashes); flags override it."""
+def _bench_module():
+    """``bench/hc18_table.py`` as a module."""
     import importlib.util
-
-    from tsdk_monai.cli import main
-    from tsdk_monai.driver import PRESETS, schedule_of
 
     spec = importlib.util.spec_from_file_location("hc18_table", Path(__file__).parents[1] / "bench" / "hc18_table.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
+    """`tsdk run --preset cpu` plans the bench's stages (same commands, so the same hashes); flags override it."""
+    from tsdk_monai.cli import main
+    from tsdk_monai.driver import PRESETS, schedule_of
+
+    bench = _bench_module()
     for name, sched in (("cpu", bench.CPU), ("full", bench.FULL), ("smoke", bench.SMOKE)):
         a = plan_runs(demo_datalist, tmp_path / name, "teacher,tskd", schedule_of(name), n_labeled="3,6")
         b = plan_runs(demo_datalist, tmp_path / name, "teacher,tskd", Schedule(**sched), n_labeled="3,6")
@@ -457,3 +463,22 @@ def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
         main(["run", "--datalist", str(demo_datalist), "--workdir", str(tmp_path / "x"), "--finetune_seeds", "0"])
     assert exc.value.code == 2 and "finetune_seeds must be a whole number >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_labels_the_same_cases_whatever_numbers_of_labels_run(demo_datalist, tmp_path):
+    """`bench/hc18_table.py --n-labeled 2` labels the same 2 cases as the whole table's `--n-labeled 2,4` (one pool)."""
+    from tsdk_monai.data import prepare
+
+    bench = _bench_module()
+    assert bench.labelled_pool([20], "20,80") == bench.labelled_pool([20, 80], "20,80") == 80
+    assert bench.labelled_pool([120], "20,80") == 120
+    data = Path(demo_datalist).parent
+
+    def labelled(ns: list[int], default_n: str, out: str) -> set[str]:
+        pool = prepare(str(data / "images"), str(data / "labels"), str(tmp_path / out),
+                       n_labeled=bench.labelled_pool(ns, default_n), seed=0)
+        subset = load_datalist(subset_datalist(pool, tmp_path / out / "n2", 2))
+        return {Path(c["image"]).name for c in subset["training"]}
+
+    assert labelled([2], "2,6", "alone") == labelled([2, 6], "2,6", "table")
+    assert labelled([2], "2", "pool_of_2") != labelled([2, 6], "2,6", "table")  # what a pool of max(ns) did
