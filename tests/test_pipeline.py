@@ -466,7 +466,7 @@ def test_presets_are_the_bench_schedules(demo_datalist, tmp_path, capsys):
 
 
 def test_bench_labels_the_same_cases_whatever_numbers_of_labels_run(demo_datalist, tmp_path):
-    """`bench/hc18_table.py --n-labeled 2` labels the same 2 cases as the whole table's `--n-labeled 2,4` (one pool)."""
+    """`bench/hc18_table.py --n-labeled 2` labels the same 2 cases as the whole table's `--n-labeled 2,6` (one pool)."""
     from tsdk_monai.data import prepare
 
     bench = _bench_module()
