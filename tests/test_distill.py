@@ -114,6 +114,31 @@ def test_cached_and_online_teacher_give_the_same_loss(demo_datalist, teacher, tm
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), fresh.state_dict().values()))
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_cached_target_depends_on_its_image_alone(teacher, amp):
+    """A target is the same in the first epoch as from the cache later, and whichever images an earlier run cached
+    (TS-KD reads the real images' targets that TS-KD without synthesis cached): before, the first epoch used the
+    float32 targets of the teacher's batch call and later epochs their float16 copy, and a batch with some images
+    cached ran the teacher on the others alone, which bfloat16 kernels answer differently (~0.04 in the logits)."""
+    torch.manual_seed(1)
+    images, ids = torch.rand(4, 1, 64, 64), [f"img{i}.png" for i in range(4)]
+
+    def prepare():
+        return DistillationPrepareBatch(teacher, True, True, cache=TeacherCache("memory", dtype="float16"), amp=amp,
+                                        amp_kwargs={"dtype": torch.bfloat16})
+
+    cold = prepare()
+    first, second = cold.targets(images, ids), cold.targets(images, ids)  # epoch 1 (computed), epoch 2 (cached)
+    warm = prepare()
+    warm.targets(images[:3], ids[:3])  # an earlier run cached three of the four
+    mixed = warm.targets(images, ids)
+    assert warm.cache.hits == 3 and warm.cache.misses == 4
+    for k in ("logits", "features"):
+        assert first[k].dtype == torch.float32
+        assert torch.equal(first[k], second[k]), k
+        assert torch.equal(first[k], mixed[k]), k
+
+
 def test_task_agnostic_trainer_uses_the_frozen_vfm_encoder(demo_datalist):
     from tsdk_monai.networks.vfm import build_vfm_encoder
 

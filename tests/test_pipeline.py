@@ -426,6 +426,9 @@ def test_changed_package_code_reruns_the_stage(demo_datalist, tmp_path):
 
     assert drive().strip().endswith("RAN")
     assert drive().strip().endswith("SKIPPED")  # nothing changed
+    (tmp_path / "w" / "models" / "model.pt").unlink()  # an output gone: the stage runs again, and says why
+    out = drive()
+    assert "[redo] scratch_finetune: outputs missing; starting afresh" in out and out.strip().endswith("RAN"), out
     loss = pkg / "tsdk_monai" / "losses" / "kd.py"
     loss.write_text(loss.read_text().replace("kl.mean() * t * t", "kl.mean() * (t * t)"))
     out = drive()

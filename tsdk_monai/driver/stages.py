@@ -187,7 +187,9 @@ class StageRunner:
             self.resumed.append(stage.name)
             return float(prev.get("seconds_before", 0.0)) + max(0.0, log.stat().st_mtime - float(prev.get("started", 0)))
         if prev:
-            print(f"[redo] {tag}{stage.name}: command, configs, inputs or code changed; starting afresh", flush=True)
+            why = ("outputs missing" if prev.get("hash") == digest and prev.get("state", "done") == "done"
+                   else "command, configs, inputs or code changed")
+            print(f"[redo] {tag}{stage.name}: {why}; starting afresh", flush=True)
         self._remove_owned(stage)
         print(f"[run ] {tag}{stage.name} ... (log: {log})", flush=True)
         log.write_text("$ " + shlex.join(cmd) + "\n\n")
