@@ -19,7 +19,7 @@ DEFAULT: dict[str, Any] = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # the whole 7-method table at 20 and 80 labels in about 2 hours on 2 CPU cores (bench/hc18_table.py's default;
     # PSFHS 2026-12-07, fresh: 124.6 stage minutes, ~103 at the afternoon's machine speed; HC18 ~99; ~5 fewer since
-    # the networks infer on plain tensors, estimated)
+    # the networks infer on plain tensors and ~4 since the teacher's targets come one image per call, estimated)
     "cpu": dict(
         student="unet_small", student_size=128, teacher_size=128, teacher_epochs=24, teacher_batch=4,
         synth_size=64, synth_epochs=8, synth_images=128, synth_steps=20, fid_real_images=48,
