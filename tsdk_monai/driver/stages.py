@@ -64,6 +64,11 @@ def _fingerprint(path: Path, what: str) -> str:
     return h.hexdigest()
 
 
+def _finished(prev: dict[str, Any], digest: str) -> bool:
+    """Whether a stage record ``prev`` says the stage finished with this ``digest`` (its outputs are checked apart)."""
+    return prev.get("hash") == digest and prev.get("state", "done") == "done"
+
+
 def code_digest(package_dir: Path | None = None) -> str:
     """sha256 of the code a stage runs: every ``*.py`` file of the ``tsdk_monai`` package that this process imports
     (relative name and bytes), its version, and the versions of :data:`CODE_PACKAGES`.
@@ -187,8 +192,7 @@ class StageRunner:
             self.resumed.append(stage.name)
             return float(prev.get("seconds_before", 0.0)) + max(0.0, log.stat().st_mtime - float(prev.get("started", 0)))
         if prev:
-            why = ("outputs missing" if prev.get("hash") == digest and prev.get("state", "done") == "done"
-                   else "command, configs, inputs or code changed")
+            why = "outputs missing" if _finished(prev, digest) else "command, configs, inputs or code changed"
             print(f"[redo] {tag}{stage.name}: {why}; starting afresh", flush=True)
         self._remove_owned(stage)
         print(f"[run ] {tag}{stage.name} ... (log: {log})", flush=True)
@@ -206,7 +210,7 @@ class StageRunner:
         marker, log = self.layout.marker(stage.name), self.layout.log(stage.name)
         prev: dict[str, Any] = json.loads(marker.read_text()) if marker.is_file() else {}
         tag = f"{progress} " if progress else ""
-        if prev.get("hash") == digest and prev.get("state", "done") == "done" and all(Path(p).exists() for p in stage.outputs):
+        if _finished(prev, digest) and all(Path(p).exists() for p in stage.outputs):
             print(f"[skip] {tag}{stage.name}: outputs present; command, configs, inputs and code unchanged", flush=True)
             self.seconds[stage.name] = prev.get("seconds", 0.0)
             self.skipped.append(stage.name)
